@@ -1,0 +1,45 @@
+"""Shared fixtures: a temp ZIMAGE_HOME per test and one tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline folder, built once; copy it (or use `zhome_demo`) before writing next to it."""
+    from zimage.tiny import write_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-zimage"
+    write_tiny_model(path)
+    return path
+
+
+@pytest.fixture()
+def zhome(tmp_path, monkeypatch):
+    """An empty ZIMAGE_HOME for one test; returns its Settings."""
+    from zimage.settings import get_settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("ZIMAGE_HOME", str(home))
+    return get_settings().ensure()
+
+
+@pytest.fixture()
+def zhome_demo(zhome, tiny_model_dir):
+    """A ZIMAGE_HOME with the tiny model and the demo dataset in place (model copied, not rebuilt)."""
+    from zimage.demo import DEMO_DATASET, write_demo_dataset
+    from zimage.tiny import TINY_MODEL_NAME
+
+    shutil.copytree(tiny_model_dir, zhome.base_models_dir / TINY_MODEL_NAME)
+    write_demo_dataset(zhome.datasets_dir / DEMO_DATASET)
+    return zhome

@@ -1,0 +1,5 @@
+import sys
+
+from zimage.cli import main
+
+sys.exit(main())

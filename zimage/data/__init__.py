@@ -1,0 +1,1 @@
+"""Dataset folders, image reading and checks, captions, buckets and caches."""

@@ -1,0 +1,129 @@
+"""Dataset folders on disk: `datasets/<name>/dataset.json` plus `images/<stem>.<ext>` and `<stem>.txt`.
+
+The folder is the truth; dataset.json holds the settings a person chose (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from zimage.data.images import is_image_name
+from zimage.errors import UserError
+
+DATASET_TYPES = ("character", "style", "concept")
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class BadName(UserError):
+    """A name that cannot become a folder or file name."""
+
+
+def check_slug(name: str, what: str = "name") -> str:
+    """Return `name` if it is a safe folder/file name, else raise with a message naming `what`."""
+    if not isinstance(name, str) or not name.strip():
+        raise BadName(f"{what}: must not be empty")
+    if "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
+        raise BadName(f"{what}: {name!r} must not contain slashes or '..'")
+    if not _SLUG.match(name):
+        raise BadName(
+            f"{what}: {name!r} must be 1-64 characters of lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so readers see the old or the new content, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    type: str = "character"
+    trigger_word: str = ""
+    description: str = ""
+    resolution: int = 1024
+    num_images: int = 0
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DatasetInfo:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass
+class DatasetItem:
+    image: Path
+    caption_path: Path
+
+    @property
+    def caption(self) -> str | None:
+        if not self.caption_path.exists():
+            return None
+        return self.caption_path.read_text(encoding="utf-8", errors="replace").strip()
+
+
+class DatasetFolder:
+    """One dataset folder; cheap to construct, reads the disk on each call."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "images"
+
+    @property
+    def info_path(self) -> Path:
+        return self.path / "dataset.json"
+
+    def exists(self) -> bool:
+        return self.info_path.exists()
+
+    def read_info(self) -> DatasetInfo:
+        if not self.info_path.exists():
+            return DatasetInfo(name=self.path.name)
+        return DatasetInfo.from_dict(json.loads(self.info_path.read_text(encoding="utf-8")))
+
+    def write_info(self, info: DatasetInfo) -> None:
+        info.num_images = len(self.items())
+        atomic_write_text(self.info_path, json.dumps(asdict(info), indent=2) + "\n")
+
+    def items(self) -> list[DatasetItem]:
+        """Images (by extension) in name order, with their same-stem caption paths.
+
+        Images live in images/; a flat folder of images with no images/ subfolder works too.
+        """
+        root = self.images_dir if self.images_dir.is_dir() else self.path
+        if not root.is_dir():
+            return []
+        files = sorted(p for p in root.iterdir() if p.is_file() and is_image_name(p) and not p.name.startswith("."))
+        return [DatasetItem(image=p, caption_path=p.with_suffix(".txt")) for p in files]
+
+
+def list_datasets(datasets_dir: Path) -> list[DatasetFolder]:
+    if not Path(datasets_dir).is_dir():
+        return []
+    return [DatasetFolder(p) for p in sorted(Path(datasets_dir).iterdir()) if (p / "dataset.json").exists()]
