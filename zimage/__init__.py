@@ -2,3 +2,9 @@
 
 __version__ = "0.1.0"
 SOFTWARE_NAME = "zimage-lora-studio"
+
+# bitsandbytes warns on every import on CPUs with AVX512-BF16 that an optional hub kernel is missing; we
+# never fetch kernels from a hub, so the warning is noise in every log and CLI run.
+import logging as _logging
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
