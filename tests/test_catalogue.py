@@ -71,10 +71,10 @@ def test_hub_errors_map_to_advice():
     from huggingface_hub import errors
 
     gated = errors.GatedRepoError.__new__(errors.GatedRepoError)
-    assert "gated" in str(catalogue._explain_hub_error(gated, "x/y"))
+    assert "gated" in str(catalogue.explain_hub_error(gated, "x/y"))
     missing = errors.RepositoryNotFoundError.__new__(errors.RepositoryNotFoundError)
-    assert "not found" in str(catalogue._explain_hub_error(missing, "x/y"))
-    assert "disk space" in str(catalogue._explain_hub_error(OSError(28, "No space left"), "x/y"))
+    assert "not found" in str(catalogue.explain_hub_error(missing, "x/y"))
+    assert "disk space" in str(catalogue.explain_hub_error(OSError(28, "No space left"), "x/y"))
 
 
 def test_models_command_lists_everything(zhome_demo, capsys):

@@ -195,7 +195,7 @@ def resolve(name_or_path: str, settings: Settings) -> tuple[ModelEntry, Path]:
     )
 
 
-def _explain_hub_error(exc: Exception, repo_id: str) -> DownloadError:
+def explain_hub_error(exc: Exception, repo_id: str) -> DownloadError:
     from huggingface_hub import errors
 
     if isinstance(exc, errors.GatedRepoError):
@@ -247,7 +247,7 @@ def download(name: str, settings: Settings, progress: Callable[[str], None] | No
     except Exception as exc:  # every hub failure becomes one readable paragraph
         if not existed:
             _remove_if_empty(folder)
-        raise _explain_hub_error(exc, entry.repo_id) from exc
+        raise explain_hub_error(exc, entry.repo_id) from exc
     missing = missing_parts(folder)
     if missing:
         raise DownloadError(f"{entry.repo_id} downloaded but is incomplete: missing " + "; ".join(missing) + ".")
@@ -264,4 +264,4 @@ def download_adapter(adapter: TrainingAdapter, settings: Settings) -> Path:
     try:
         return Path(hf_hub_download(adapter.repo_id, adapter.filename, local_dir=settings.adapter_dir))
     except Exception as exc:
-        raise _explain_hub_error(exc, adapter.repo_id) from exc
+        raise explain_hub_error(exc, adapter.repo_id) from exc

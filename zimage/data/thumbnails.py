@@ -1,0 +1,104 @@
+"""Cached gallery thumbnails, kept in the dataset's hidden cache folder.
+
+A thumbnail's file name carries a hash of the image's name and one of its size + modification time,
+so a replaced or edited image gets a new thumbnail and only its own stale one is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from zimage.data.folders import DatasetFolder
+from zimage.data.images import ImageProblem, open_rgb
+from zimage.data.manage import cache_dir
+
+THUMB_SIZE = 256
+
+
+def _name_key(image_name: str) -> str:
+    return hashlib.sha1(image_name.encode("utf-8")).hexdigest()[:12]
+
+
+def thumbnails_dir(folder: DatasetFolder) -> Path:
+    return cache_dir(folder) / "thumbnails"
+
+
+def thumbnail_path(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE) -> Path:
+    st = image.stat()
+    version = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    return thumbnails_dir(folder) / f"{_name_key(image.name)}-{version}-{size}.jpg"
+
+
+def drop_thumbnails(folder: DatasetFolder, image_name: str) -> None:
+    """Forget every cached thumbnail of one image (all sizes, all versions)."""
+    for path in thumbnails_dir(folder).glob(f"{_name_key(image_name)}-*.jpg"):
+        path.unlink(missing_ok=True)
+
+
+def thumbnail(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE) -> Path | None:
+    """Path of a JPEG thumbnail (longest side `size`) of `image`, made once; None if it cannot be decoded."""
+    image = Path(image)
+    target = thumbnail_path(folder, image, size)
+    if target.exists():
+        return target
+    try:
+        rgb = open_rgb(image)
+    except ImageProblem:
+        return None
+    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    drop_thumbnails(folder, image.name)  # the old version of this image, if any
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".jpg", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            rgb.save(fh, format="JPEG", quality=85)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def placeholder(size: int = THUMB_SIZE, text: str = "unreadable") -> Image.Image:
+    """A grey tile with a cross, shown in place of an image that cannot be decoded."""
+    img = Image.new("RGB", (size, size), (90, 90, 90))
+    draw = ImageDraw.Draw(img)
+    draw.line([(0, 0), (size, size)], fill=(160, 60, 60), width=4)
+    draw.line([(0, size), (size, 0)], fill=(160, 60, 60), width=4)
+    draw.text((8, 8), text, fill=(240, 240, 240))
+    return img
+
+
+def gallery(folder: DatasetFolder, size: int = THUMB_SIZE) -> list[tuple[str, str | Image.Image]]:
+    """(image name, thumbnail path or placeholder image) for every image, in dataset order."""
+    return gallery_page(folder, 1, per_page=max(1, len(folder.items())), size=size)[0]
+
+
+def gallery_page(
+    folder: DatasetFolder, page: int, per_page: int = 24, size: int = THUMB_SIZE
+) -> tuple[list[tuple[str, str | Image.Image]], int]:
+    """One page of the gallery (1-based `page`, clamped) and the number of pages."""
+    items = folder.items()
+    pages = max(1, -(-len(items) // per_page))
+    page = min(max(1, int(page)), pages)
+    out: list[tuple[str, str | Image.Image]] = []
+    for item in items[(page - 1) * per_page : page * per_page]:
+        thumb = thumbnail(folder, item.image, size)
+        out.append((item.image.name, str(thumb) if thumb else placeholder(size)))
+    return out, pages
+
+
+def picked_image(names: list[str], clicked: int | None, last_clicked: int | None, current: str | None) -> str | None:
+    """Which image the editor shows: a click in the gallery wins, else the current choice if it is still
+    there, else the first image. The image-select component returns its last value on every rerun (its
+    default before any click), so only a change from the value it had on the previous run is a click."""
+    if clicked is not None and last_clicked is not None and clicked != last_clicked and 0 <= clicked < len(names):
+        return names[clicked]
+    if current in names:
+        return current
+    return names[0] if names else None
