@@ -43,3 +43,14 @@ def zhome_demo(zhome, tiny_model_dir):
     shutil.copytree(tiny_model_dir, zhome.base_models_dir / TINY_MODEL_NAME)
     write_demo_dataset(zhome.datasets_dir / DEMO_DATASET)
     return zhome
+
+
+@pytest.fixture(autouse=True)
+def _stop_schedulers():
+    """A test whose page or code started this host's scheduler (zimage.jobs.ensure_scheduler) stops it after."""
+    yield
+    import sys
+
+    scheduler = sys.modules.get("zimage.jobs.scheduler")
+    if scheduler is not None:
+        scheduler.stop_all()

@@ -1,0 +1,133 @@
+"""`zimage queue|runs|registry|worker` as real processes, while another process owns the registry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from zimage.jobs.launcher import process_alive
+from zimage.jobs.queue import queued_runs
+from zimage.jobs.scheduler import Scheduler
+from zimage.jobs.slots import SlotConfig
+from zimage.runfolder import RunFolder, read_json
+
+
+def zimage(settings, *args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "zimage.cli", *args],
+        env=dict(os.environ, ZIMAGE_HOME=str(settings.home)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    # whatever happens, a user never sees a traceback or a database lock error
+    assert "Traceback" not in proc.stderr and "lock" not in proc.stderr.lower(), proc.stderr
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def state(settings, run_id):
+    return RunFolder(settings.runs_dir / run_id).read_status().get("state")
+
+
+@pytest.fixture()
+def app(zhome):
+    """The app's scheduler, in this process, holding registry.duckdb open read-write."""
+    sched = Scheduler(zhome, slots=SlotConfig(), tick=0.2, rescan=1.0).start()
+    assert sched.ready.wait(15) and sched.scanned.wait(15)
+    yield sched
+    sched.stop()
+    for run_dir in zhome.runs_dir.iterdir():
+        st = read_json(run_dir / "status.json", {}) or {}
+        if st.get("pid") and process_alive(st["pid"], st.get("pid_start_time")):
+            os.kill(st["pid"], signal.SIGKILL)
+
+
+def test_queue_and_runs_commands_while_the_app_owns_the_registry(zhome, app, tmp_path):
+    cfg = tmp_path / "fake.json"
+    cfg.write_text(json.dumps({"steps": 100000, "interval": 0.01}))
+    out = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "first").stdout
+    first = out.split()[1]
+    assert (zhome.runs_dir / first / "config.json").exists()
+    wait_for(lambda: state(zhome, first) == "running")
+    second = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "second").stdout.split()[1]
+    third = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "third").stdout
+    assert "(position 2)" in third
+    third = third.split()[1]
+
+    shown = zimage(zhome, "queue").stdout
+    assert "scheduler: the zimage app (pid" in shown
+    lines = [ln.split() for ln in shown.splitlines()[2:]]
+    assert [(ln[0], ln[1], ln[4]) for ln in lines] == [
+        ("-", first, "running"),
+        ("1", second, "queued"),
+        ("2", third, "queued"),
+    ]
+    assert "now at position 1" in zimage(zhome, "queue", "up", third).stdout
+    assert [rid for rid, _ in queued_runs(zhome)] == [third, second]
+    assert "cancelled" in zimage(zhome, "queue", "cancel", third).stdout
+    assert state(zhome, third) == "stopped"
+
+    listed = [json.loads(ln) for ln in zimage(zhome, "runs", "list", "--json").stdout.splitlines()]
+    assert {r["run_id"]: r["state"] for r in listed} == {first: "running", second: "queued", third: "stopped"}
+    assert "user" in listed[0] and listed[0]["kind"] == "fake"
+    assert [
+        json.loads(ln)["run_id"]
+        for ln in zimage(zhome, "runs", "list", "--state", "queued", "--json").stdout.splitlines()
+    ] == [second]
+    assert second in zimage(zhome, "runs", "list", "--text", "SECOND").stdout
+
+    assert "pause requested" in zimage(zhome, "runs", "pause", first).stdout
+    wait_for(lambda: state(zhome, first) == "paused")
+    shown = zimage(zhome, "runs", "show", first).stdout
+    assert "state    paused" in shown and "metrics  step=" in shown
+    assert json.loads(zimage(zhome, "runs", "show", first, "--json").stdout)["status"]["state"] == "paused"
+    zimage(zhome, "runs", "resume", first)
+    wait_for(lambda: state(zhome, first) == "running")
+    assert "stop requested" in zimage(zhome, "runs", "stop", first).stdout
+    wait_for(lambda: state(zhome, first) == "stopped")
+    wait_for(lambda: state(zhome, second) == "running")  # the queue moved on by itself
+    zimage(zhome, "runs", "stop", second)
+
+    refused = zimage(zhome, "runs", "delete", third, check=False)
+    assert refused.returncode == 2 and "add --yes" in refused.stderr
+    assert "deleted" in zimage(zhome, "runs", "delete", third, "--yes").stdout
+    assert not (zhome.runs_dir / third).exists()
+    missing = zimage(zhome, "runs", "show", third, check=False)
+    assert missing.returncode == 2 and "no such run" in missing.stderr
+
+    rebuilt = zimage(zhome, "registry", "rebuild").stdout
+    assert "rebuilt by the zimage app" in rebuilt and "2 runs" in rebuilt
+    assert "owner     the zimage app" in zimage(zhome, "registry", "status").stdout
+    wait_for(lambda: app.registry.fetch("SELECT count(*) FROM runs WHERE state = 'stopped'") == [(2,)])
+
+
+def test_queue_add_validates_a_training_config_first(zhome_demo, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_path: tiny-zimage\nlora_rnak: 8\n")
+    proc = zimage(zhome_demo, "queue", "add", str(bad), check=False)
+    assert proc.returncode == 2 and "lora_rnak" in proc.stderr
+    assert not zhome_demo.runs_dir.exists() or list(zhome_demo.runs_dir.iterdir()) == []
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"model_path": "tiny-zimage", "dataset_path": "demo-shapes", "output_name": "cli-lora"}))
+    out = zimage(zhome_demo, "queue", "add", str(good), "--preset", "quick_test", "--set", "resolution=256").stdout
+    run_id = out.split()[1]
+    config = json.loads((zhome_demo.runs_dir / run_id / "config.json").read_text())
+    assert config["resolution"] == 256 and config["output_name"] == "cli-lora" and config["lora_rank"] == 8
+    status = RunFolder(zhome_demo.runs_dir / run_id).read_status()
+    assert status["kind"] == "train" and status["state"] == "queued" and status["user"]

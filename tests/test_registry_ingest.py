@@ -1,0 +1,241 @@
+"""Ingestion of run folders into registry.duckdb: offsets, half lines, bad lines, rebuild, migrations."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from zimage.data.folders import DatasetFolder, DatasetInfo
+from zimage.registry import RegistryError, rebuild
+from zimage.registry.db import Registry
+from zimage.registry.ingest import Ingester
+from zimage.registry.schema import SCHEMA_VERSION, TABLES
+from zimage.runfolder import RunFolder
+
+
+def make_run(settings, run_id, state="completed", user="ann", kind="train", config=None, steps=0):
+    rf = RunFolder(settings.runs_dir / run_id)
+    rf.write_config(config or {"dataset_path": "datasets/pets", "model_path": "tiny-zimage", "output_name": run_id})
+    rf.update_status(state=state, kind=kind, user=user, name=run_id, created=1000.0, step=steps, total_steps=steps)
+    for s in range(1, steps + 1):
+        rf.append_metrics({"step": s, "loss": 1.0 / s, "lr": 1e-4})
+    return rf
+
+
+def append_raw(rf, text):
+    with open(rf.metrics_path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@pytest.fixture()
+def reg(zhome):
+    registry = Registry(zhome.db_path)
+    yield registry
+    registry.close()
+
+
+def dump(registry):
+    """Every table's rows, sorted, for comparing two databases."""
+    out = {}
+    for table in TABLES:
+        cols = [
+            r[0]
+            for r in registry.fetch(f"SELECT column_name FROM information_schema.columns WHERE table_name = '{table}'")
+        ]
+        out[table] = sorted(registry.fetch(f"SELECT * FROM {table}"), key=lambda r: tuple(str(v) for v in r))
+        assert cols, table
+    return out
+
+
+def test_incremental_ingest_keeps_offsets_and_waits_for_a_half_line(zhome, reg):
+    rf = make_run(zhome, "run-a", state="running", steps=3)
+    append_raw(rf, '{"step": 4, "loss": 0.2')  # the worker is in the middle of writing this line
+    ing = Ingester(reg, zhome)
+    assert ing.ingest_run("run-a") == 3
+    pos, lines = reg.fetch("SELECT pos, lines FROM ingest_files WHERE run_id = 'run-a' AND file = 'metrics'")[0]
+    assert pos == len(rf.metrics_path.read_bytes()) - len('{"step": 4, "loss": 0.2') and lines == 3
+    assert ing.ingest_run("run-a") == 0  # nothing new, nothing read twice
+    append_raw(rf, '5, "lr": 0.001}\n{"step": 5, "loss": 0.1}\n')
+    assert ing.ingest_run("run-a") == 2
+    rows = reg.fetch("SELECT line, step, loss, lr FROM metrics WHERE run_id = 'run-a' ORDER BY line")
+    assert [r[:2] for r in rows] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert rows[3][2:] == (0.25, 0.001)
+    summary = reg.fetch(
+        "SELECT metrics_rows, first_metric_step, last_metric_step, last_loss, state, user_name, dataset, model "
+        "FROM runs WHERE run_id = 'run-a'"
+    )[0]
+    assert summary == (5, 1, 5, 0.1, "running", "ann", "pets", "tiny-zimage")
+    # a new Ingester (the app restarted) continues from the stored offsets
+    rf.append_metrics({"step": 6, "loss": 0.05})
+    assert Ingester(reg, zhome).ingest_run("run-a") == 1
+    assert reg.fetch("SELECT count(*), max(line) FROM metrics")[0] == (6, 5)
+
+
+def test_garbage_lines_are_counted_logged_and_skipped(zhome, reg, caplog):
+    rf = make_run(zhome, "run-g", steps=2)
+    append_raw(
+        rf,
+        "this is not json\n"
+        '{"loss": 0.5}\n'  # no step
+        '{"step": "three", "loss": 0.5}\n'
+        "[1, 2, 3]\n"
+        '{"step": 3, "loss": "high"}\n'
+        '{"step": 4, "lo\n'  # a line cut short by a crash
+        "\n"
+        '{"step": 5, "loss": 0.2, "unknown_key": "ignored"}\n'
+        '{"step": 6.0, "loss": 1}\n',
+    )
+    with caplog.at_level(logging.WARNING, logger="zimage.registry"):
+        Ingester(reg, zhome).ingest_run("run-g")
+    assert reg.fetch("SELECT step FROM metrics ORDER BY line") == [(1,), (2,), (5,), (6,)]
+    assert reg.fetch("SELECT malformed_lines, metrics_rows, last_loss FROM runs")[0] == (6, 4, 1.0)
+    assert reg.fetch("SELECT malformed, lines FROM ingest_files WHERE file = 'metrics'")[0] == (6, 10)
+    assert any("run-g: metrics.jsonl has 6 malformed line(s)" in r.getMessage() for r in caplog.records)
+    # lines are numbered among non-blank lines, whichever parser read them
+    assert reg.fetch("SELECT line FROM metrics ORDER BY line") == [(0,), (1,), (8,), (9,)]
+
+
+def test_a_shrunk_or_replaced_file_is_read_again(zhome, reg):
+    rf = make_run(zhome, "run-r", steps=5)
+    ing = Ingester(reg, zhome)
+    ing.ingest_run("run-r")
+    # a resumed trainer rewrites its metrics up to its checkpoint (a new file, renamed over the old)
+    tmp = rf.path / "metrics.tmp"
+    tmp.write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2)))
+    os.replace(tmp, rf.metrics_path)
+    ing.ingest_run("run-r")
+    assert reg.fetch("SELECT step, loss FROM metrics ORDER BY line") == [(1, 9.0), (2, 9.0)]
+    assert reg.fetch("SELECT metrics_rows, last_metric_step FROM runs")[0] == (2, 2)
+
+
+def test_samples_checkpoints_datasets_and_deleted_runs(zhome, reg):
+    rf = make_run(zhome, "run-s", steps=1)
+    rf.append_sample({"step": 10, "prompt": "a cat", "seed": 1, "path": "samples/10.png", "cfg": 1.0})
+    rf.append_sample({"step": 20, "prompt": "a dog", "seed": 2, "path": "samples/20.png"})
+    with open(rf.samples_path, "a") as fh:
+        fh.write('{"step": 30}\n')  # no path: malformed
+    for name in ("step-000010", "step-000020", ".tmp-step-000030"):
+        (rf.checkpoints_dir / name).mkdir(parents=True)
+        (rf.checkpoints_dir / name / "lora.safetensors").write_bytes(b"x" * 100)
+    ds = DatasetFolder(zhome.datasets_dir / "pets")
+    ds.images_dir.mkdir(parents=True)
+    for stem in ("a", "b"):
+        (ds.images_dir / f"{stem}.png").write_bytes(b"png")
+    (ds.images_dir / "a.txt").write_text("a cat")
+    ds.write_info(DatasetInfo(name="pets", type="concept", trigger_word="zpet", resolution=512))
+    ing = Ingester(reg, zhome)
+    ing.scan()
+    assert reg.fetch("SELECT step, prompt, seed, path, extra FROM samples ORDER BY line") == [
+        (10, "a cat", 1, "samples/10.png", '{"cfg": 1.0}'),
+        (20, "a dog", 2, "samples/20.png", None),
+    ]
+    assert reg.fetch("SELECT name, step, path, size FROM checkpoints ORDER BY step") == [
+        ("step-000010", 10, "checkpoints/step-000010", 100),
+        ("step-000020", 20, "checkpoints/step-000020", 100),
+    ]
+    assert reg.fetch("SELECT samples_count, checkpoints_count, malformed_lines, last_sample_path FROM runs")[0] == (
+        2, 2, 1, "samples/20.png",
+    )  # fmt: skip
+    assert reg.fetch("SELECT name, type, trigger_word, num_images, captioned, resolution FROM datasets") == [
+        ("pets", "concept", "zpet", 2, 1, 512)
+    ]
+    # the folders go away: so do their rows
+    import shutil
+
+    shutil.rmtree(rf.path)
+    shutil.rmtree(ds.path)
+    ing.scan()
+    for table in ("runs", "metrics", "samples", "checkpoints", "ingest_files", "datasets"):
+        assert reg.fetch(f"SELECT count(*) FROM {table}") == [(0,)], table
+
+
+def test_delete_the_database_and_rebuild_gives_the_same_rows(zhome):
+    """Acceptance: rows ingested bit by bit (half lines, garbage, resumes) equal a rebuild from scratch."""
+    reg = Registry(zhome.db_path)
+    ing = Ingester(reg, zhome)
+    live = make_run(zhome, "run-live", state="running", steps=0)
+    make_run(zhome, "run-done", steps=40)
+    make_run(zhome, "run-cap", kind="caption", user="bob", config={"dataset": "pets", "model": "blip"})
+    for s in range(1, 30):
+        live.append_metrics({"step": s, "loss": 1 / s, "grad_norm": s * 0.1})
+        if s % 7 == 0:
+            append_raw(live, "garbage\n")
+        if s % 5 == 0:
+            append_raw(live, '{"step": 999, "lo')  # half a line, completed below
+            ing.scan()
+            append_raw(live, 'ss": 0.5}\n')
+        if s % 10 == 0:
+            live.append_sample({"step": s, "prompt": "p", "seed": s, "path": f"samples/{s}.png"})
+            live.update_status(step=s)
+            ing.scan()
+    ing.scan()
+    before = dump(reg)
+    assert len(before["metrics"]) == 40 + 29 + 5 and len(before["runs"]) == 3
+    reg.close()
+
+    zhome.db_path.unlink()
+    counts = rebuild(zhome)
+    assert counts["runs"] == 3 and counts["metrics"] == 74 and counts["by"] == "this process"
+    reg = Registry(zhome.db_path)
+    try:
+        assert dump(reg) == before
+    finally:
+        reg.close()
+
+
+def test_migrations_bring_an_old_database_up_and_refuse_a_newer_one(zhome):
+    reg = Registry(zhome.db_path)
+    reg.close()
+    con = duckdb.connect(str(zhome.db_path))
+    con.execute("DROP VIEW jobs")
+    con.execute("UPDATE schema_meta SET value = '1'")
+    con.close()
+    reg = Registry(zhome.db_path)
+    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "2"
+    assert reg.fetch("SELECT count(*) FROM jobs") == [(0,)]
+    reg.close()
+    con = duckdb.connect(str(zhome.db_path))
+    con.execute("UPDATE schema_meta SET value = '99'")
+    con.close()
+    with pytest.raises(RegistryError, match="schema version 99 was written by a newer zimage"):
+        Registry(zhome.db_path)
+
+
+def test_a_database_held_by_another_program_is_a_clear_error(zhome):
+    Registry(zhome.db_path).close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(zhome.db_path)!r}); print('ok', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with pytest.raises(RegistryError, match="the registry is open in another program"):
+            Registry(zhome.db_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    Registry(zhome.db_path).close()
+
+
+def test_fast_and_slow_parsers_number_lines_alike():
+    from zimage.registry.jsonl import parse_metrics
+
+    clean = b'{"step": 1, "loss": 1}\n\n{"loss": 2}\n{"step": 3, "loss": 3, "extra": [1]}\n'
+    fast = parse_metrics(clean, 10)  # pyarrow reads it whole; the step-less line is dropped and counted
+    slow = parse_metrics(clean + b"garbage\n", 10)  # a bad line sends it line by line
+    for chunk, malformed, lines in ((fast, 1, 3), (slow, 2, 4)):
+        assert chunk.table.column("line").to_pylist() == [10, 12]
+        assert chunk.table.column("step").to_pylist() == [1, 3] and chunk.table.column("loss").to_pylist() == [1.0, 3.0]
+        assert (chunk.malformed, chunk.lines) == (malformed, lines)
+    assert slow.bad_examples == ['{"loss": 2}', "garbage"]

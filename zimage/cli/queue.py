@@ -1,0 +1,104 @@
+"""`zimage queue`: show the job queue; `queue add CONFIG` enqueues a run; `queue up|down|cancel RUN`.
+
+Works while the app runs: the queue lives in the run folders (see zimage/jobs/queue.py), not in the
+database, and the host's scheduler (the app or `zimage worker`) starts queued jobs as slots free up.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("queue", help="show the job queue; `queue add CONFIG` enqueues a training run")
+    qsub = p.add_subparsers(dest="queue_command", metavar="ACTION")
+    a = qsub.add_parser("add", help="enqueue a job (default: a training run) from a JSON/YAML config")
+    a.add_argument("config", help="config file (.json / .yaml)")
+    a.add_argument("--kind", default="train", help="train (default), caption, testgrid or fake")
+    a.add_argument("--name", help="a name for the run (default: the config's output_name)")
+    a.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1)")
+    a.add_argument("--preset", help="training preset to start from (train only)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one training field (repeatable)")  # fmt: skip
+    a.set_defaults(handler=run_add)
+    for action, text in (("up", "move a queued job one place up"), ("down", "move a queued job one place down"),
+                         ("cancel", "take a queued job out of the queue")):  # fmt: skip
+        c = qsub.add_parser(action, help=text)
+        c.add_argument("run_id")
+        c.set_defaults(handler=run_move, action=action)
+    p.set_defaults(handler=run_show)
+
+
+def _load_config(args, settings) -> dict:
+    from zimage.config import build_config, parse_override, read_config_file, validate_config
+    from zimage.errors import UserError
+
+    raw = read_config_file(args.config)
+    if args.kind != "train":
+        if args.preset or args.overrides:
+            raise UserError("--preset and --set apply to training runs only")
+        return raw
+    overrides = dict(parse_override(item) for item in args.overrides)
+    config = build_config(raw, preset=args.preset, overrides=overrides)
+    validate_config(config, settings)  # refuse now, not when the job's turn comes
+    return config.to_dict()
+
+
+def run_add(args) -> int:
+    from zimage.jobs import enqueue, os_user
+    from zimage.jobs.queue import queued_runs
+    from zimage.settings import get_settings
+
+    settings = get_settings().ensure()
+    config = _load_config(args, settings)
+    run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus)
+    line = [rid for rid, _ in queued_runs(settings)]
+    where = f"position {line.index(run_id) + 1}" if run_id in line else "already started"
+    print(f"queued {run_id} ({where})")
+    print(f"run folder: {settings.runs_dir / run_id}")
+    return 0
+
+
+def run_move(args) -> int:
+    from zimage.jobs import cancel, move_down, move_up
+    from zimage.settings import get_settings
+
+    settings = get_settings()
+    if args.action == "cancel":
+        cancel(settings, args.run_id)
+        print(f"cancelled {args.run_id}")
+    else:
+        pos = (move_up if args.action == "up" else move_down)(settings, args.run_id)
+        print(f"{args.run_id} is now at position {pos + 1}")
+    return 0
+
+
+def _age(t) -> str:
+    if not t:
+        return "-"
+    s = max(0, int(time.time() - float(t)))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_show(args) -> int:
+    from zimage.jobs.owner import OwnerLock, describe_owner
+    from zimage.jobs.runinfo import queue_view
+    from zimage.settings import get_settings
+
+    settings = get_settings()
+    queued, active = queue_view(settings)
+    owner = OwnerLock(settings).owner()
+    hint = "" if owner else " (queued jobs wait: start the app or `zimage worker`)"
+    print(f"scheduler: {describe_owner(owner)}{hint}")
+    print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'GPUS':<6} WAITING/STEP")
+    for run in active:
+        st = run["status"]
+        step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
+        print(f"{'-':<4} {run['run_id']:<44} {run['kind'] or '?':<9} {run['user'] or '?':<12} "
+              f"{run['state']:<10} {st.get('gpu_ids') or 'cpu':<6} {step}")  # fmt: skip
+    for pos, (run_id, st) in enumerate(queued, 1):
+        print(f"{pos:<4} {run_id:<44} {st.get('kind') or '?':<9} {st.get('user') or '?':<12} "
+              f"{'queued':<10} {st.get('gpus') or 1:<6} {_age(st.get('created'))}")  # fmt: skip
+    if not queued and not active:
+        print("(the queue is empty and nothing is running)")
+    return 0

@@ -1,0 +1,121 @@
+"""`zimage runs list|show|stop|pause|resume|delete`: runs of every kind, from their folders.
+
+Reads the run folders directly and sends requests through control.json / status.json, so it works the
+same whether or not the app (or `zimage worker`) is running and holding the registry database.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("runs", help="list, show and control runs (training, captioning, test grids)")
+    rsub = p.add_subparsers(dest="runs_command", metavar="ACTION")
+    ls = rsub.add_parser("list", help="runs, newest first")
+    ls.add_argument("--state", help="queued, running, completed, failed, lost, ...")
+    ls.add_argument("--user")
+    ls.add_argument("--dataset")
+    ls.add_argument("--kind", help="train, caption, testgrid, fake")
+    ls.add_argument("--text", help="text in the run id, name, user, dataset or output name")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(handler=run_list)
+    show = rsub.add_parser("show", help="status, config and last metrics of one run")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=run_show)
+    for action, text in (
+        ("stop", "stop a running run (cancels a queued one)"),
+        ("pause", "pause a running run"),
+        ("resume", "resume a paused run, or requeue a stopped/failed/lost one from its last checkpoint"),
+    ):
+        c = rsub.add_parser(action, help=text)
+        c.add_argument("run_id")
+        c.set_defaults(handler=run_control, action=action)
+    d = rsub.add_parser("delete", help="delete a run folder (not its exported LoRA)")
+    d.add_argument("run_id")
+    d.add_argument("--yes", action="store_true", help="do not ask")
+    d.set_defaults(handler=run_delete)
+    p.set_defaults(handler=run_list, state=None, user=None, dataset=None, kind=None, text=None, json=False)
+
+
+def _fmt(v, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def run_list(args) -> int:
+    from zimage.jobs.runinfo import scan_runs
+    from zimage.settings import get_settings
+
+    runs = scan_runs(
+        get_settings(), state=args.state, user=args.user, dataset=args.dataset, kind=args.kind, text=args.text
+    )
+    if args.json:
+        for r in runs:
+            print(json.dumps({k: v for k, v in r.items() if k not in ("status", "config")}, default=str))
+        return 0
+    print(f"{'RUN':<44} {'KIND':<9} {'STATE':<10} {'USER':<12} {'DATASET':<16} {'STEP':<12} LOSS")
+    for r in runs:
+        step = f"{r['step'] or 0}/{r['total_steps'] or '?'}"
+        print(f"{r['run_id']:<44} {r['kind'] or '?':<9} {r['state'] or '?':<10} {r['user'] or '?':<12} "
+              f"{r['dataset'] or '-':<16} {step:<12} {_fmt(r['last_loss'], '.4f')}")  # fmt: skip
+    if not runs:
+        print("(no runs)")
+    return 0
+
+
+def run_show(args) -> int:
+    from zimage.jobs.runinfo import show_run
+    from zimage.settings import get_settings
+
+    info = show_run(get_settings(), args.run_id)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    st = info["status"]
+    print(f"run      {info['run_id']}  ({info['kind']}, by {info['user'] or '?'})")
+    print(f"folder   {info['run_dir']}")
+    print(f"state    {info['state']}  step {info['step'] or 0}/{info['total_steps'] or '?'}")
+    if st.get("gpu_ids") is not None:
+        print(f"gpus     {st.get('gpu_ids') or 'cpu'}  pid {st.get('pid') or '-'}  host {st.get('host') or '-'}")
+    if st.get("error"):
+        print(f"error    {st['error']}")
+    if st.get("output_path"):
+        print(f"output   {st['output_path']}")
+    if info["last_metrics"]:
+        print("metrics  " + "  ".join(f"{k}={_fmt(v, '.4g')}" for k, v in info["last_metrics"].items()))
+    print(f"samples  {info['samples']}   checkpoints  {', '.join(info['checkpoints']) or '-'}")
+    print("config   " + json.dumps(info["config"], sort_keys=True))
+    return 0
+
+
+def run_control(args) -> int:
+    from zimage.jobs import control, os_user
+    from zimage.settings import get_settings
+
+    done = control(get_settings(), args.run_id, args.action, user=os_user())
+    print(f"{args.run_id}: {done}")
+    return 0
+
+
+def run_delete(args) -> int:
+    from zimage.errors import UserError
+    from zimage.jobs import delete_run
+    from zimage.settings import get_settings
+
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"runs delete {args.run_id}: add --yes to delete without asking")
+        answer = input(f"delete run folder {args.run_id} (samples, checkpoints, logs)? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 1
+    delete_run(get_settings(), args.run_id)
+    print(f"deleted {args.run_id}")
+    return 0

@@ -1,0 +1,43 @@
+"""Jobs: the queue (in run folders), detached workers, GPU slots and the scheduler that starts them.
+
+Pages and the CLI call these functions; none of them needs the registry database:
+
+    enqueue(settings, kind, config, user=None, name=None) -> run_id   put a job in line
+    control(settings, run_id, action)      stop | pause | resume | save_now | sample_now (stop on a
+                                           queued job cancels it; resume on a stopped/lost run requeues it)
+    cancel / move_up / move_down / delete_run(settings, run_id)
+    ensure_scheduler(settings)             start this host's scheduler thread once (app)
+
+Workers, slots and the scheduler: launcher.py, slots.py (ZIMAGE_GPUS, ZIMAGE_JOBS_PER_GPU), scheduler.py
+(ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox), fake_worker.py (tests).
+"""
+
+from zimage.jobs.actions import cancel, control, delete_run, move_down, move_up
+from zimage.jobs.queue import KINDS, JobError, enqueue, requeue
+from zimage.jobs.users import os_user, resolve_user
+
+__all__ = [
+    "KINDS",
+    "JobError",
+    "cancel",
+    "control",
+    "delete_run",
+    "enqueue",
+    "ensure_scheduler",
+    "move_down",
+    "move_up",
+    "os_user",
+    "requeue",
+    "resolve_user",
+]
+
+
+def ensure_scheduler(settings, **options):
+    """Start this host's scheduler (ingest, reconcile, launch) in a background thread, once.
+
+    Safe to call on every page run: a second call in the process returns the running one, and a
+    scheduler in another process (another app or `zimage worker`) is detected through a lock file.
+    """
+    from zimage.jobs.scheduler import ensure_scheduler as _ensure
+
+    return _ensure(settings, **options)

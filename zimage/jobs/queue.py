@@ -1,0 +1,204 @@
+"""The job queue, kept in the run folders themselves (DESIGN.md section 2).
+
+A queued job is a run folder whose status.json says `state: "queued"`; its place in line is the number
+`queue_order` in that file. Every change to the line (enqueue, move up/down, cancel, the scheduler taking
+the head) happens under one host-wide lock file, `registry/queue.lock` (fcntl), so the app, the CLI and
+`zimage worker` can all change the queue at the same time without a database and without losing a job.
+The registry database only mirrors these files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from zimage.errors import UserError
+from zimage.runfolder import FINAL_STATES, RunFolder, read_json
+from zimage.settings import Settings
+
+KINDS = ("train", "caption", "testgrid", "fake")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ours, and `zimage train`'s own folder names
+
+
+class JobError(UserError):
+    """A queue or run request that cannot be done (unknown run, wrong state, bad kind)."""
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id is a plain folder name under registry/runs; paths and '..' are refused."""
+    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        raise JobError(f"run id {run_id!r} is not a run id (expected e.g. 20261129-225012-my-lora-1a2b)")
+    return run_id
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].strip("-")
+    return slug or "run"
+
+
+def new_run_id(label: str, now: float | None = None) -> str:
+    """`YYYYMMDD-HHMMSS-<slug of label>-<4 hex>`: sorts by creation time, safe as a folder name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now if now is not None else time.time()))
+    return f"{stamp}-{_slug(label)}-{secrets.token_hex(2)}"
+
+
+def run_folder(settings: Settings, run_id: str) -> RunFolder:
+    """The RunFolder of an existing run; a clear error if there is none."""
+    folder = RunFolder(settings.runs_dir / check_run_id(run_id))
+    if not folder.status_path.exists():
+        raise JobError(f"run {run_id}: no such run in {settings.runs_dir}")
+    return folder
+
+
+@contextmanager
+def queue_lock(settings: Settings) -> Iterator[None]:
+    """Host-wide exclusive lock around every change to the queue (held for milliseconds)."""
+    settings.registry_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.registry_dir / "queue.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def run_dirs(settings: Settings) -> list[Path]:
+    """Run folders in id order; hidden folders (being created or deleted) are skipped."""
+    if not settings.runs_dir.is_dir():
+        return []
+    return sorted(p for p in settings.runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def queued_runs(settings: Settings) -> list[tuple[str, dict]]:
+    """(run_id, status) of every queued job, first in line first (read from the folders)."""
+    out = []
+    for path in run_dirs(settings):
+        status = read_json(path / "status.json", {}) or {}
+        if status.get("state") == "queued":
+            out.append((path.name, status))
+    out.sort(key=lambda item: (float(item[1].get("queue_order") or 0), item[0]))
+    return out
+
+
+def _next_order(settings: Settings) -> float:
+    # Strictly after everything in line, even if the clock steps back.
+    last = max((float(s.get("queue_order") or 0) for _, s in queued_runs(settings)), default=0.0)
+    return max(time.time(), last + 1e-3)
+
+
+def enqueue(
+    settings: Settings,
+    kind: str,
+    config: dict,
+    user: str | None = None,
+    name: str | None = None,
+    gpus: int = 1,
+) -> str:
+    """Put a job at the end of the queue and return its run id at once; the scheduler starts it.
+
+    Writes `runs/<run_id>/config.json` and `status.json` (state "queued", kind, user, name, created,
+    queue_order). The folder is built under a hidden name and renamed into place, so nobody ever
+    sees a run without its config. `gpus` is how many GPUs the job needs (a CPU-only host runs it alone).
+    """
+    if kind not in KINDS:
+        raise JobError(f"kind: {kind!r} is not a job kind; allowed: {', '.join(KINDS)}")
+    if not isinstance(config, dict):
+        raise JobError("config: must be a mapping of settings")
+    if not isinstance(gpus, int) or gpus < 1:
+        raise JobError(f"gpus: {gpus!r} must be a whole number of at least 1")
+    from zimage.jobs.users import check_user_name, os_user
+
+    user = check_user_name(user) if user is not None and str(user).strip() else os_user()
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"config: cannot be saved as JSON ({exc})") from None
+    label = name or str(config.get("output_name") or "") or kind
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    with queue_lock(settings):
+        for _ in range(20):
+            run_id = new_run_id(label)
+            if not (settings.runs_dir / run_id).exists():
+                break
+        else:  # pragma: no cover - 65536 ids per second per label
+            raise JobError("could not find a free run id; try again")
+        tmp = settings.runs_dir / f".new-{run_id}"
+        folder = RunFolder(tmp)
+        try:
+            folder.write_config(config)
+            folder.update_status(
+                state="queued",
+                kind=kind,
+                user=user,
+                name=name or label,
+                created=time.time(),
+                queue_order=_next_order(settings),
+                gpus=gpus,
+                host=socket.gethostname(),
+                step=0,
+            )
+            os.rename(tmp, settings.runs_dir / run_id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return run_id
+
+
+def move(settings: Settings, run_id: str, offset: int) -> int:
+    """Move a queued job `offset` places (-1 = up, +1 = down); returns its new 0-based position."""
+    check_run_id(run_id)
+    with queue_lock(settings):
+        line = queued_runs(settings)
+        ids = [rid for rid, _ in line]
+        if run_id not in ids:
+            raise JobError(f"run {run_id}: not in the queue (only queued jobs can be moved)")
+        old = ids.index(run_id)
+        new = min(max(old + offset, 0), len(ids) - 1)
+        if new == old:
+            return old
+        orders = [float(s.get("queue_order") or 0) for _, s in line]
+        ids.insert(new, ids.pop(old))
+        # Reuse the same set of order numbers, so nothing outside the moved span changes.
+        lo, hi = min(old, new), max(old, new)
+        for i in range(lo, hi + 1):
+            RunFolder(settings.runs_dir / ids[i]).update_status(queue_order=orders[i])
+        return new
+
+
+def cancel(settings: Settings, run_id: str) -> None:
+    """Take a queued job out of the line; its folder stays, with state "stopped" and `cancelled: true`."""
+    folder = run_folder(settings, run_id)
+    with queue_lock(settings):
+        state = folder.read_status().get("state")
+        if state != "queued":
+            raise JobError(f"run {run_id}: is {state}, not queued; use stop for a started run")
+        folder.update_status(state="stopped", cancelled=True, ended=time.time())
+
+
+def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
+    """Put a stopped, failed or lost run back in line; the worker resumes from its last checkpoint."""
+    folder = run_folder(settings, run_id)
+    with queue_lock(settings):
+        status = folder.read_status()
+        if status.get("state") not in FINAL_STATES or status.get("state") == "completed":
+            raise JobError(f"run {run_id}: is {status.get('state')}; only stopped, failed or lost runs can be resumed")
+        folder.clear_stop()
+        folder.update_status(
+            state="queued",
+            queue_order=_next_order(settings),
+            resume=True,
+            resumes=int(status.get("resumes") or 0) + 1,
+            requeued_by=user or status.get("user"),
+            cancelled=False,
+            ended=None,
+            error=None,
+        )

@@ -1,0 +1,394 @@
+"""This host's scheduler: keeps the registry up to date, notices dead workers, starts queued jobs.
+
+One per host (the owner lock, see owner.py). It runs as a background thread of the app
+(`ensure_scheduler`, guarded against a second start in the process and, through the lock, on the host)
+or in the foreground as `zimage worker`. Each tick (default 1 s, sooner on a file event):
+1. answers inbox requests (rebuild, hand-over);
+2. ingests the run folders that changed: watchdog events mark them, and a full rescan every few seconds
+   catches whatever the events missed (network disks, inotify limits);
+3. reaps its own finished children, and marks `lost` every active run on this host whose worker process
+   is gone (PID + start time) without writing a final state, keeping its last step and heartbeat;
+4. starts queued jobs in FIFO order while GPU slots are free (strict order: a job needing two GPUs is
+   not overtaken).
+Workers are detached, so stopping the scheduler leaves them running; the next scheduler re-attaches to
+them simply by finding them alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from zimage.jobs import owner as owner_mod
+from zimage.jobs.launcher import launch, process_alive, worker_identity
+from zimage.jobs.owner import OwnerLock, describe_owner
+from zimage.jobs.queue import KINDS, queue_lock, queued_runs
+from zimage.jobs.slots import SlotConfig, assign, slot_config
+from zimage.jobs.watch import FolderWatch
+from zimage.registry.db import Registry
+from zimage.registry.ingest import Ingester
+from zimage.registry.schema import RegistryError
+from zimage.runfolder import ACTIVE_STATES, RunFolder, read_json
+from zimage.settings import Settings
+
+log = logging.getLogger("zimage.jobs")
+
+LOST_GRACE_S = 30.0  # a launched worker that never recorded a PID is given this long
+
+_schedulers: dict[Path, Scheduler] = {}
+_schedulers_lock = threading.Lock()
+_children: dict[str, subprocess.Popen] = {}  # this process's workers, polled so none stays a zombie
+
+
+class Scheduler:
+    """See the module docstring. `start()` runs it in a thread; `run()` in the calling thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        slots: SlotConfig | None = None,
+        role: str = "app",
+        launch_jobs: bool = True,
+        tick: float = 1.0,
+        rescan: float = 5.0,
+        watch: bool = True,
+    ):
+        self.settings = settings
+        self.slots = slots or slot_config()
+        self.role = role
+        self.launch_jobs = launch_jobs
+        self.tick_s, self.rescan_s, self.watch = tick, rescan, watch
+        self.lock = OwnerLock(settings)
+        self.registry: Registry | None = None
+        self.ingester: Ingester | None = None
+        self.ready = threading.Event()  # the database is open: queries work
+        self.scanned = threading.Event()  # ... and every folder has been read once
+        self.stopped = threading.Event()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._dirty: set[str] = set()
+        self._datasets_dirty = False
+        self._dirty_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._watch: FolderWatch | None = None
+        self._handed_over_to: int | None = None
+        self.host = socket.gethostname()
+        self.error: str | None = None
+        self.created = time.monotonic()
+
+    # -- control ------------------------------------------------------------------------------------
+    def start(self) -> Scheduler:
+        self._thread = threading.Thread(target=self._run_safely, name="zimage-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def mark_dirty(self, run_id: str | None = None, datasets: bool = False) -> None:
+        with self._dirty_lock:
+            if run_id:
+                self._dirty.add(run_id)
+            self._datasets_dirty |= datasets
+        self._wake.set()
+
+    def status(self) -> dict:
+        """For a sidebar: who owns the registry and what the slots are."""
+        return {
+            "owner": self.lock.held,
+            "ready": self.ready.is_set(),
+            "held_by": describe_owner(self.lock.owner()),
+            "slots": self.slots.describe(),
+            "error": self.error,
+            "file_events": self._watch is not None and self._watch.active,
+        }
+
+    # -- main loop ----------------------------------------------------------------------------------
+    def _run_safely(self) -> None:
+        try:
+            self.run()
+        except Exception as exc:  # a thread that dies silently would look like a hang
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("scheduler stopped by an error")
+
+    def run(self) -> str:
+        """Own the registry and schedule until stop() (or a hand-over); returns why it ended."""
+        try:
+            while not self._stop.is_set():
+                if not self._acquire():
+                    return "stopped"
+                reason = self._serve()
+                if reason != "handed over" or self.role != "worker":
+                    return reason
+                self._standby_after_handover()
+            return "stopped"
+        finally:
+            self.stopped.set()
+
+    def _acquire(self) -> bool:
+        asked: int | None = None
+        while not self._stop.is_set():
+            if self.lock.try_acquire(self.role):
+                return True
+            info = self.lock.owner() or {}
+            if self.role == "app" and info.get("role") == "worker" and info.get("pid") != asked:
+                asked = info.get("pid")
+                owner_mod.post_request(self.settings, "handover", role=self.role)
+                log.info("asked %s to hand the registry over", describe_owner(info))
+            self._stop.wait(0.5)
+        return False
+
+    def _standby_after_handover(self) -> None:
+        # Let the app that asked take the lock before competing for it again.
+        deadline = time.monotonic() + 60
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            # scheduler.json names the last owner even after it let go, so a short-lived app counts too.
+            info = read_json(self.lock.info_path, {}) or {}
+            if info.get("pid") == self._handed_over_to or not process_alive(self._handed_over_to, None):
+                break
+            self._stop.wait(0.5)
+
+    def _serve(self) -> str:
+        try:
+            self.registry = Registry(self.settings.db_path)
+            self.ingester = Ingester(self.registry, self.settings)
+            self._watch = FolderWatch(self.settings, self.mark_dirty) if self.watch else None
+            # Ready before the first scan: pages can read while a fresh database fills up (each batch
+            # commits on its own), and a restart with an existing database catches up in moments.
+            self.ready.set()
+            log.info(
+                "scheduler (%s, pid %d) owns %s; %s",
+                self.role,
+                os.getpid(),
+                self.settings.db_path,
+                self.slots.describe(),
+            )
+            last_scan = float("-inf")
+            self._wake.set()  # the first pass (a full scan) at once
+            while not self._stop.is_set():
+                self._wake.wait(self.tick_s)
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                if not self.settings.runs_dir.is_dir():  # the home went away (a test's temp folder)
+                    log.warning("%s is gone; scheduler stops", self.settings.runs_dir)
+                    break
+                full = time.monotonic() - last_scan >= self.rescan_s
+                try:
+                    if self.step(full=full) == "handover":
+                        return "handed over"
+                except RegistryError:
+                    raise
+                except Exception:
+                    log.exception("scheduler tick failed; continuing")
+                if full:
+                    last_scan = time.monotonic()
+                    self.scanned.set()
+                self._stop.wait(0.05)  # bursts of file events: ingest at most ~20 times a second
+            return "stopped"
+        finally:
+            self.ready.clear()
+            self.scanned.clear()
+            if self._watch is not None:
+                self._watch.stop()
+                self._watch = None
+            if self.registry is not None:
+                self.registry.close()
+            self.lock.release()
+
+    def step(self, full: bool = True) -> str | None:
+        """One tick (public so tests and `zimage worker --once` can drive it)."""
+        if self._answer_inbox() == "handover":
+            return "handover"
+        if full:
+            with self._dirty_lock:
+                self._dirty.clear()
+                self._datasets_dirty = False
+            self.ingester.scan()
+        else:
+            with self._dirty_lock:
+                dirty, self._dirty = self._dirty, set()
+                datasets, self._datasets_dirty = self._datasets_dirty, False
+            for run_id in sorted(dirty):
+                self.ingester.ingest_run(run_id)
+            if datasets:
+                self.ingester.scan_datasets()
+        self._reap()
+        self._reconcile()
+        if self.launch_jobs:
+            self._start_queued()
+        return None
+
+    # -- inbox --------------------------------------------------------------------------------------
+    def _answer_inbox(self) -> str | None:
+        for req in owner_mod.take_requests(self.settings):
+            action = req.get("action")
+            if action == "rebuild":
+                try:
+                    counts = self.rebuild()
+                    owner_mod.reply(self.settings, req["id"], {"ok": True, "counts": counts})
+                except Exception as exc:
+                    log.exception("rebuild failed")
+                    owner_mod.reply(self.settings, req["id"], {"ok": False, "error": str(exc)})
+            elif action == "handover" and self.role == "worker":
+                self._handed_over_to = req.get("pid")
+                log.info("handing the registry over to the app (pid %s)", req.get("pid"))
+                return "handover"
+            elif action == "ping":
+                owner_mod.reply(self.settings, req["id"], {"ok": True, "pid": os.getpid(), "role": self.role})
+        return None
+
+    def rebuild(self) -> dict:
+        """Recreate the database from the folders, then swap it in under the readers."""
+        from zimage.registry.ingest import rebuild_into
+
+        tmp = self.settings.registry_dir / f".rebuild-{os.getpid()}.duckdb"
+        with self.registry.write_lock:
+            counts = rebuild_into(tmp, self.settings)
+            self.registry.replace_file(tmp)
+            self.ingester.load()
+        return counts
+
+    # -- workers ------------------------------------------------------------------------------------
+    def _reap(self) -> None:
+        for run_id, proc in list(_children.items()):
+            if proc.poll() is not None:
+                del _children[run_id]
+                self.ingester.ingest_run(run_id)
+
+    def _reconcile(self) -> None:
+        now = time.time()
+        for run_id, row in list(self.ingester.runs.items()):
+            if row.get("state") not in ACTIVE_STATES or (row.get("host") and row["host"] != self.host):
+                continue
+            folder = RunFolder(self.settings.runs_dir / run_id)
+            status = folder.read_status()
+            if status.get("state") not in ACTIVE_STATES:
+                self.ingester.ingest_run(run_id)
+                continue
+            pid, started = worker_identity(folder.path, status)
+            if pid is None:
+                since = float(status.get("launched") or status.get("heartbeat") or 0)
+                if now - since < LOST_GRACE_S:
+                    continue
+            elif process_alive(pid, started):
+                continue
+            status = folder.read_status()  # it may have written its final state as it exited
+            if status.get("state") in ACTIVE_STATES:
+                step = status.get("step")
+                msg = f"worker process {pid or '(never started)'} ended without a final state (last step {step})"
+                folder.update_status(
+                    state="lost", ended=now, last_heartbeat=status.get("heartbeat"), error=msg, lost_at=now
+                )
+                folder.log(f"scheduler: marked lost: {msg}")
+                log.warning("run %s: %s", run_id, msg)
+            self.ingester.ingest_run(run_id)
+
+    def _start_queued(self) -> None:
+        if not any(r.get("state") == "queued" for r in self.ingester.runs.values()):
+            return
+        busy = [
+            r.get("gpu_ids") or ""
+            for r in self.ingester.runs.values()
+            if r.get("state") in ACTIVE_STATES and (not r.get("host") or r.get("host") == self.host)
+        ]
+        while len(busy) < self.slots.capacity:
+            with queue_lock(self.settings):
+                line = queued_runs(self.settings)  # the truth, not the index: the CLI may have moved jobs
+                if not line:
+                    return
+                run_id, status = line[0]
+                need = int(status.get("gpus") or 1)
+                kind = status.get("kind")
+                folder = RunFolder(self.settings.runs_dir / run_id)
+                if kind not in KINDS:
+                    folder.update_status(state="failed", error=f"kind {kind!r} is not a job kind", ended=time.time())
+                elif self.slots.gpu_ids and need > len(self.slots.gpu_ids):
+                    folder.update_status(
+                        state="failed",
+                        ended=time.time(),
+                        error=f"needs {need} GPUs; this host offers {len(self.slots.gpu_ids)} ({self.slots.describe()})",
+                    )
+                else:
+                    gpus = assign(self.slots, busy, need)
+                    if gpus is None:
+                        return
+                    busy.append(",".join(gpus))
+                    try:
+                        _children[run_id] = launch(self.settings, run_id, kind, gpus)
+                        log.info("started %s (%s) on %s", run_id, kind, ",".join(gpus) or "CPU")
+                    except OSError:
+                        log.exception("could not start %s", run_id)
+                        busy.pop()
+            self.ingester.ingest_run(run_id)
+
+    # -- file events --------------------------------------------------------------------------------
+
+
+def ensure_scheduler(settings: Settings, **options) -> Scheduler:
+    """This process's scheduler for `settings` (started on the first call; options apply then).
+
+    ZIMAGE_SCHEDULER_LAUNCH=0 in the environment keeps it from starting queued jobs (ingest only).
+    """
+    key = settings.db_path.resolve()
+    with _schedulers_lock:
+        sched = _schedulers.get(key)
+        if sched is not None and not sched.stopped.is_set():
+            return sched
+        if "launch_jobs" not in options and os.environ.get("ZIMAGE_SCHEDULER_LAUNCH", "1") == "0":
+            options["launch_jobs"] = False
+        settings.ensure()
+        sched = Scheduler(settings, **options).start()
+        _schedulers[key] = sched
+        return sched
+
+
+def registry_for(settings: Settings, timeout: float = 15.0) -> Registry:
+    """The registry of this process's scheduler, waiting for it to be ready: up to `timeout` s after its
+    start (the first scan of a big home takes a while), not again on every page run once it is known
+    to be waiting for another process."""
+    sched = ensure_scheduler(settings)
+    remaining = max(0.2, timeout - (time.monotonic() - sched.created))
+    if sched.ready.wait(remaining) and sched.registry is not None:
+        sched.scanned.wait(min(remaining, 3.0))  # a complete picture, if it comes soon
+        return sched.registry
+    if sched.error:
+        raise RegistryError(f"the scheduler stopped: {sched.error}")
+    raise RegistryError(
+        f"the registry is held by {describe_owner(sched.lock.owner())}; this app takes it over when that "
+        "process stops (or hands it over). Try again in a moment."
+    )
+
+
+def current(settings: Settings) -> Scheduler | None:
+    """The running scheduler of this process for `settings`, if any."""
+    sched = _schedulers.get(settings.db_path.resolve())
+    return sched if sched is not None and sched.ready.is_set() else None
+
+
+def refresh_run(settings: Settings, run_id: str) -> None:
+    """Re-read one run into the registry now, if this process owns it (after a button press)."""
+    sched = current(settings)
+    if sched is not None and sched.ingester is not None:
+        try:
+            sched.ingester.ingest_run(run_id)
+        except Exception:
+            log.exception("refresh of %s failed; the next tick retries", run_id)
+        sched.mark_dirty()
+
+
+def stop_all(timeout: float = 10.0) -> None:
+    """Stop every scheduler of this process (tests; the app stops with its process)."""
+    with _schedulers_lock:
+        scheds = list(_schedulers.values())
+        _schedulers.clear()
+    for sched in scheds:
+        sched.stop(timeout)

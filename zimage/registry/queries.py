@@ -1,0 +1,250 @@
+"""Read-only queries for the pages (Runs, Compare, Home). Plain functions; each takes a Registry or a
+Settings (then the process's own registry is used, starting this host's scheduler if needed) and returns
+plain data: pandas DataFrames for tables, dicts for one run. Paths come back absolute.
+
+Metric series are down-sampled in SQL: each (run, metric) series is cut into at most `max_points`
+buckets by step and each bucket keeps min, max and last value, so a loss spike survives the thinning.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+
+from zimage.registry.db import Registry
+from zimage.registry.schema import METRIC_COLUMNS, RegistryError
+from zimage.runfolder import ACTIVE_STATES
+from zimage.settings import Settings
+
+
+def _reg(source: Registry | Settings) -> tuple[Registry, Settings | None]:
+    if isinstance(source, Registry):
+        return source, None
+    from zimage.jobs.scheduler import registry_for
+
+    return registry_for(source), source
+
+
+def _runs_dir(source: Registry | Settings):
+    if isinstance(source, Settings):
+        return source.runs_dir
+    return source.path.parent / "runs"
+
+
+def _as_list(value) -> list | None:
+    if value is None or value == "" or value == []:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+RUN_LIST_COLUMNS = (
+    "run_id, name, kind, user_name AS user, state, dataset, model, output_name, step, total_steps, "
+    "CASE WHEN total_steps > 0 THEN least(greatest(step, 0)::DOUBLE / total_steps, 1.0) END AS progress, "
+    "last_loss, last_lr, eta, coalesce(created, started) AS created, started, ended, heartbeat, gpu_ids, "
+    "output_path, error, queue_order, metrics_rows, malformed_lines, samples_count, checkpoints_count"
+)
+
+
+def list_runs(
+    source: Registry | Settings,
+    state: str | Iterable[str] | None = None,
+    user: str | Iterable[str] | None = None,
+    dataset: str | Iterable[str] | None = None,
+    text: str | None = None,
+    kind: str | Iterable[str] | None = None,
+    limit: int = 1000,
+) -> pd.DataFrame:
+    """Runs newest first, with a per-run summary (progress 0-1, last loss, ETA in seconds, paths)."""
+    reg, _ = _reg(source)
+    where, params = [], []
+    for column, value in (("state", state), ("user_name", user), ("dataset", dataset), ("kind", kind)):
+        values = _as_list(value)
+        if values:
+            where.append(f"{column} IN ({', '.join('?' * len(values))})")
+            params += values
+    if text and text.strip():
+        where.append("concat_ws(' ', run_id, name, output_name, dataset, model, user_name, kind, error) ILIKE ?")
+        params.append(f"%{text.strip()}%")
+    sql = f"SELECT {RUN_LIST_COLUMNS} FROM runs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY coalesce(created, started) DESC NULLS LAST, run_id DESC LIMIT ?"
+    df = reg.fetch_df(sql, params + [int(limit)])
+    if not df.empty:
+        runs_dir = _runs_dir(source)
+        df["run_dir"] = [str(runs_dir / r) for r in df["run_id"]]
+    return df
+
+
+def run_detail(source: Registry | Settings, run_id: str) -> dict | None:
+    """Everything the registry knows about one run: columns, parsed config and status, run_dir."""
+    reg, _ = _reg(source)
+    with reg.read() as cur:
+        res = cur.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        cols = [d[0] for d in res.description]
+        row = res.fetchone()
+    if row is None:
+        return None
+    out = dict(zip(cols, row, strict=True))
+    out["config"] = json.loads(out["config"]) if out.get("config") else {}
+    out["status"] = json.loads(out["status"]) if out.get("status") else {}
+    out["run_dir"] = str(_runs_dir(source) / run_id)
+    if out.get("last_sample_path"):
+        out["last_sample_path"] = str(_runs_dir(source) / run_id / out["last_sample_path"])
+    return out
+
+
+def filter_choices(source: Registry | Settings) -> dict[str, list[str]]:
+    """Distinct states, users, datasets and kinds, for the filter widgets."""
+    reg, _ = _reg(source)
+    out = {}
+    for key, column in (("state", "state"), ("user", "user_name"), ("dataset", "dataset"), ("kind", "kind")):
+        out[key] = [
+            r[0] for r in reg.fetch(f"SELECT DISTINCT {column} FROM runs WHERE {column} IS NOT NULL ORDER BY 1")
+        ]
+    return out
+
+
+def metric_series(
+    source: Registry | Settings,
+    run_ids: str | Sequence[str],
+    metrics: str | Sequence[str] = ("loss",),
+    max_points: int = 500,
+) -> pd.DataFrame:
+    """Down-sampled series: one row per (run_id, metric, bucket) with columns step (last step in the
+    bucket), step_first, min, max, last, n. At most `max_points` rows per series, in step order."""
+    reg, _ = _reg(source)
+    ids = _as_list(run_ids) or []
+    names = _as_list(metrics) or []
+    bad = [m for m in names if m not in METRIC_COLUMNS]
+    if bad:
+        raise RegistryError(f"metrics: {', '.join(bad)} unknown; known: {', '.join(METRIC_COLUMNS)}")
+    if not ids or not names or max_points < 1:
+        return pd.DataFrame(columns=["run_id", "metric", "bucket", "step", "step_first", "min", "max", "last", "n"])
+    from zimage.registry.rows import run_time_of
+
+    times = sorted({run_time_of(r) for r in ids})
+    cols = ", ".join(names)  # checked against METRIC_COLUMNS above: safe to put in the SQL
+    # One scan for all metrics (UNPIVOT drops the NULLs); run_time lets DuckDB skip other runs' row groups.
+    sql = f"""
+        WITH base AS (
+            SELECT run_id, step, line, {cols} FROM metrics
+            WHERE run_time IN ({", ".join("?" * len(times))}) AND run_id IN ({", ".join("?" * len(ids))})),
+        long AS (UNPIVOT base ON {cols} INTO NAME metric VALUE v),
+        bounds AS (SELECT run_id, metric, min(step) AS lo, max(step) AS hi FROM long GROUP BY run_id, metric),
+        bucketed AS (
+            SELECT long.*, least((step - lo) * ? // (hi - lo + 1), ? - 1) AS bucket
+            FROM long JOIN bounds USING (run_id, metric))
+        SELECT run_id, metric, bucket, max(step) AS step, min(step) AS step_first,
+               min(v) AS min, max(v) AS max, arg_max(v, line) AS last, count(*) AS n
+        FROM bucketed GROUP BY run_id, metric, bucket ORDER BY run_id, metric, bucket"""
+    return reg.fetch_df(sql, times + ids + [int(max_points), int(max_points)])
+
+
+def samples(source: Registry | Settings, run_id: str, step: int | None = None) -> pd.DataFrame:
+    """Sample images of a run (optionally of one step), in step order; `path` is absolute."""
+    reg, _ = _reg(source)
+    sql = "SELECT step, prompt, seed, path, extra, line FROM samples WHERE run_id = ?"
+    params: list = [run_id]
+    if step is not None:
+        sql += " AND step = ?"
+        params.append(int(step))
+    df = reg.fetch_df(sql + " ORDER BY step, line", params)
+    if not df.empty:
+        base = _runs_dir(source) / run_id
+        df["path"] = [str(base / p) for p in df["path"]]
+    return df
+
+
+def sample_steps(source: Registry | Settings, run_id: str) -> list[int]:
+    """The steps at which a run wrote samples (for a step slider)."""
+    reg, _ = _reg(source)
+    return [r[0] for r in reg.fetch("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])]
+
+
+def checkpoints(source: Registry | Settings, run_id: str) -> pd.DataFrame:
+    """A run's checkpoints (name, step, absolute path, size in bytes, mtime), oldest step first."""
+    reg, _ = _reg(source)
+    df = reg.fetch_df(
+        "SELECT name, step, path, size, mtime FROM checkpoints WHERE run_id = ? ORDER BY step NULLS LAST, name",
+        [run_id],
+    )
+    if not df.empty:
+        base = _runs_dir(source) / run_id
+        df["path"] = [str(base / p) for p in df["path"]]
+    return df
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(source: Registry | Settings, run_ids: Sequence[str], all_keys: bool = False) -> pd.DataFrame:
+    """Config keys (nested keys joined by '.') as rows, one column per run; by default only the keys
+    whose values differ. Missing keys show as None."""
+    reg, _ = _reg(source)
+    ids = list(run_ids)
+    if not ids:
+        return pd.DataFrame()
+    found = dict(reg.fetch(f"SELECT run_id, config FROM runs WHERE run_id IN ({', '.join('?' * len(ids))})", ids))
+    missing = [r for r in ids if r not in found]
+    if missing:
+        raise RegistryError(f"run {missing[0]}: not in the registry")
+    flat = {r: _flatten(json.loads(found[r] or "{}")) for r in ids}
+    keys = sorted(set().union(*flat.values()))
+    rows = {}
+    for key in keys:
+        values = [flat[r].get(key) for r in ids]
+        if all_keys or any(json.dumps(v, sort_keys=True) != json.dumps(values[0], sort_keys=True) for v in values):
+            rows[key] = [v if v is None or isinstance(v, str | int | float | bool) else json.dumps(v) for v in values]
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=ids)
+    df.index.name = "key"
+    return df
+
+
+def queue(source: Registry | Settings) -> pd.DataFrame:
+    """Queued jobs in the order they will start (position 1 starts next), then the ones running now."""
+    reg, _ = _reg(source)
+    active = ", ".join(f"'{s}'" for s in ACTIVE_STATES)
+    return reg.fetch_df(
+        f"""SELECT CASE WHEN state = 'queued' THEN row_number() OVER (
+                       PARTITION BY state = 'queued' ORDER BY queue_order, run_id) END AS position,
+                   run_id, kind, name, user_name AS user, state, gpus, gpu_ids, created, started, step, total_steps
+            FROM runs WHERE state = 'queued' OR state IN ({active})
+            ORDER BY state <> 'queued', queue_order, run_id"""
+    )
+
+
+def list_jobs(source: Registry | Settings, kind: str | Iterable[str] | None = None, limit: int = 500) -> pd.DataFrame:
+    """Jobs that are not training runs (captioning, test grids, fake), newest first."""
+    from zimage.jobs.queue import KINDS
+
+    return list_runs(source, kind=_as_list(kind) or [k for k in KINDS if k != "train"], limit=limit)
+
+
+def datasets(source: Registry | Settings) -> pd.DataFrame:
+    """Datasets with their image and caption counts (from dataset.json and the images folder)."""
+    reg, _ = _reg(source)
+    return reg.fetch_df("SELECT * FROM datasets ORDER BY name")
+
+
+def overview(source: Registry | Settings) -> dict:
+    """Counts for the Home page: runs per state, queue length, running now, datasets."""
+    reg, _ = _reg(source)
+    per_state = dict(reg.fetch("SELECT state, count(*) FROM runs GROUP BY state"))
+    return {
+        "runs": sum(per_state.values()),
+        "per_state": per_state,
+        "queued": per_state.get("queued", 0),
+        "active": sum(per_state.get(s, 0) for s in ACTIVE_STATES),
+        "datasets": reg.fetch("SELECT count(*) FROM datasets")[0][0],
+    }
