@@ -1,16 +1,59 @@
-"""Home: what this studio has right now — base models and datasets."""
+"""Home: the machine (GPUs or CPU only, disk), the queue and active runs, recent LoRAs, models and datasets."""
 
 import streamlit as st
 
+from zimage import jobs, registry
 from zimage.catalogue import list_models
 from zimage.data.folders import list_datasets
+from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
+from zimage.system import disk_usage, gpus
+from zimage.views import home, open_registry, shown_errors
 
 st.set_page_config(page_title="Z-Image LoRA Studio", page_icon="🎨", layout="wide")
-settings = get_settings()
+settings = get_settings().ensure()
+jobs.ensure_scheduler(settings)  # ingest run folders and start queued jobs while the app runs
 
 st.title("Z-Image LoRA Studio")
 st.caption(f"Data home: `{settings.home}`")
+
+st.subheader("Machine")
+devices = gpus()
+if devices:
+    st.dataframe(home.gpu_rows(devices), hide_index=True, key="home_gpus")
+else:
+    st.info("CPU only: no CUDA GPU found. Training runs on the CPU (fine for the tiny demo model).")
+for col, (label, size) in zip(st.columns(5), home.disk_rows(disk_usage(settings)), strict=False):
+    col.metric(f"Disk: {label.lower()}" if label != "Free" else "Disk: free", size)
+
+
+@st.fragment(run_every=3)
+def live() -> None:
+    """Queue and active runs, refreshed without rerunning the page."""
+    with shown_errors(st.warning):
+        reg = open_registry(settings)
+        st.subheader("Queue")
+        waiting = registry.queue(reg)
+        if waiting.empty:
+            st.caption("Nothing queued or running.")
+        else:
+            st.dataframe(home.queue_rows(waiting), hide_index=True, key="home_queue")
+        active = registry.list_runs(reg, state=list(ACTIVE_STATES), limit=20)
+        if not active.empty:
+            st.subheader("Active runs")
+            for run_id, frac, text in home.active_progress(active):
+                st.progress(frac, text=text)
+                st.page_link("pages/4_Runs.py", label=f"Open {run_id}", query_params={"run": run_id})
+
+
+live()
+
+st.subheader("Recent LoRAs")
+loras = home.recent_loras(settings)
+if loras:
+    st.dataframe(loras, hide_index=True, key="home_loras", column_config={"path": None})
+else:
+    st.caption("No trained LoRA yet: start one on the Train page.")
 
 st.subheader("Base models")
 models = list_models(settings)

@@ -1,0 +1,123 @@
+"""Runs: every run with its state and progress; one run live — charts, samples, log, controls, download."""
+
+import streamlit as st
+
+from zimage import jobs, registry
+from zimage.errors import UserError
+from zimage.settings import get_settings
+from zimage.views import open_registry, shown_errors
+from zimage.views import runs as rv
+
+st.set_page_config(page_title="Runs", page_icon="📈", layout="wide")
+settings = get_settings().ensure()
+jobs.ensure_scheduler(settings)
+ss = st.session_state
+st.title("Runs")
+
+
+def pick_run(reg) -> tuple[str, dict | None]:
+    """Filters, the table of runs and the picker; the picked run follows the `?run=` link."""
+    choices = registry.filter_choices(reg)
+    f1, f2, f3, f4, f5 = st.columns([2, 2, 2, 2, 3])
+    states = f1.multiselect("State", choices["state"], key="runs_state")
+    users = f2.multiselect("User", choices["user"], key="runs_user")
+    datasets = f3.multiselect("Dataset", choices["dataset"], key="runs_dataset")
+    kinds = f4.multiselect(
+        "Kind", choices["kind"], default=[k for k in ("train",) if k in choices["kind"]], key="runs_kind"
+    )
+    text = f5.text_input("Search", key="runs_search", placeholder="name, run id, user, dataset…")
+    runs = registry.list_runs(reg, state=states, user=users, dataset=datasets, kind=kinds, text=text, limit=1000)
+    st.dataframe(
+        rv.runs_table(runs), hide_index=True, key="runs_table", height=min(400, 38 + 35 * max(1, len(runs))),
+        column_config={"progress": st.column_config.ProgressColumn("progress", format="%.0f%%", min_value=0, max_value=100)},
+    )  # fmt: skip
+    if runs.empty:
+        st.info("No runs match. Start one on the Train page.")
+        st.stop()
+
+    labels = {r["run_id"]: rv.run_label(r) for r in runs.to_dict("records")}
+    wanted = st.query_params.get("run")
+    if wanted and wanted not in labels and registry.run_detail(reg, wanted) is not None:
+        labels = {wanted: wanted, **labels}  # a run outside the filters, opened by link
+    if ss.get("runs_pick") not in labels:
+        ss["runs_pick"] = wanted if wanted in labels else next(iter(labels))
+    run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="runs_pick")
+    st.query_params["run"] = run_id
+    return run_id, registry.run_detail(reg, run_id)
+
+
+picked = None
+with shown_errors(st.error):
+    reg = open_registry(settings)
+    picked = pick_run(reg)
+if picked is None:
+    st.stop()
+run_id, first = picked
+was_live = first is not None and not rv.is_final(first["state"])
+
+
+def show_run() -> None:
+    """One run: header, progress, controls, charts, samples, checkpoints, log."""
+    d = registry.run_detail(reg, run_id)
+    if d is None:
+        st.warning(f"Run {run_id} is gone (deleted).")
+        return
+    if was_live and rv.is_final(d["state"]):
+        st.rerun()  # finished just now: redraw the page once, without the timer
+    st.subheader(f"{d.get('name') or run_id} · {d['state']}")
+    st.caption(f"{run_id} · user {d.get('user_name')} · dataset {d.get('dataset')} · model {d.get('model')}")
+    frac, line = rv.progress_line(d)
+    st.progress(frac, text=line)
+    if d.get("error"):
+        st.error(str(d["error"]).strip().splitlines()[-1])
+    allowed = rv.action_states(d["state"])
+    cols = st.columns(len(allowed) + 1)
+    for col, (action, label) in zip(cols, rv.ACTIONS.items(), strict=False):
+        if col.button(label, key=f"run_{action}", disabled=not allowed[action]):
+            try:
+                st.toast(f"{run_id}: {jobs.control(settings, run_id, action, user=ss.get('user_name'))}")
+            except UserError as exc:
+                st.error(str(exc))
+    lora = rv.lora_file(d)
+    cols[-1].download_button("Download LoRA", rv.file_reader(lora) if lora else b"", file_name=lora.name if lora else "lora.safetensors",
+                             disabled=lora is None, on_click="ignore", key="run_download")  # fmt: skip
+
+    c1, c2 = st.columns([3, 1])
+    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="run_smoothing")
+    log_y = c2.toggle("Log scale", key="run_log")
+    figures = rv.run_charts(registry.metric_series(reg, run_id, rv.RUN_METRICS, max_points=400), smoothing, log_y)
+    if figures["Loss"] is None:
+        c1.info("No metrics yet: they appear with the first training step.")
+    else:
+        c1.caption("Loss")
+        c1.altair_chart(figures.pop("Loss"), key="run_chart_loss")
+        for col, (title, chart) in zip(st.columns(3), figures.items(), strict=True):
+            col.caption(title)
+            if chart is not None:
+                col.altair_chart(chart, key=f"run_chart_{title}")
+
+    steps = registry.sample_steps(reg, run_id)
+    if steps:
+        st.subheader("Samples")
+        step = st.select_slider("Step", steps, value=steps[-1], key="run_sample_step") if len(steps) > 1 else steps[0]
+        tiles = rv.sample_tiles(settings, registry.samples(reg, run_id, step=step), step)
+        for col, (thumb, caption) in zip(st.columns(max(1, min(4, len(tiles)))), tiles, strict=False):
+            col.image(thumb, caption=caption)
+    ckpts = registry.checkpoints(reg, run_id)
+    if not ckpts.empty:
+        st.subheader("Checkpoints")
+        st.dataframe(rv.checkpoint_rows(ckpts), hide_index=True, key="run_checkpoints")
+    with st.expander("Log", expanded=d["state"] in ("failed", "lost")):
+        st.code(rv.log_tail(d["run_dir"]) or "(no log yet)", language=None)
+
+
+@st.fragment(run_every=2 if was_live else None)
+def live() -> None:
+    """The run's live part: refreshed every 2 s while it runs, without rerunning the whole page."""
+    with shown_errors(st.error):
+        show_run()
+
+
+live()
+st.markdown(f"[Clone these settings on the Train page](Train?clone={run_id}) · "
+            f"[Compare with other runs](Compare?runs={run_id})")  # fmt: skip

@@ -1,0 +1,186 @@
+"""End to end in a real browser: the real app server on a free port, Debian's headless Chromium driven by
+Playwright. Create a dataset from the demo images on the Datasets page, launch two tiny `quick_test` runs
+from the Train page (the app's own scheduler runs them), watch one finish on the Runs page, compare both
+on the Compare page with a test grid rendered by a background job, and save a screenshot of each screen
+(also to $ZIMAGE_SCREENSHOTS_DIR when set)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from browser_support import CHROMIUM_ARGS, chromium_path, streamlit_server
+
+from zimage.runfolder import read_json
+
+pytestmark = pytest.mark.slow
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
+if chromium_path() is None:
+    pytest.skip("Debian's chromium is not installed (bash scripts/install_browser.sh)", allow_module_level=True)
+
+STEPS = 4  # each tiny run: a few steps at 256 px, so both finish in well under a minute on 2 CPU cores
+WAIT_MS = 120_000
+
+
+@pytest.fixture()
+def home(tmp_path, tiny_model_dir, monkeypatch):
+    """A ZIMAGE_HOME with only the tiny model (the dataset is made through the UI); workers killed afterwards."""
+    from zimage.settings import Settings
+    from zimage.tiny import TINY_MODEL_NAME
+
+    monkeypatch.delenv("ZIMAGE_SCHEDULER_LAUNCH", raising=False)  # the app must start the queued runs
+    settings = Settings(home=tmp_path / "home").ensure()
+    shutil.copytree(tiny_model_dir, settings.base_models_dir / TINY_MODEL_NAME)
+    yield settings
+    for run_dir in settings.runs_dir.glob("*"):
+        for rec in (read_json(run_dir / "status.json", {}), read_json(run_dir / "launch.json", {})):
+            pid = (rec or {}).get("pid")
+            if pid and rec.get("state") not in ("completed", "stopped", "failed", "lost"):
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+@pytest.fixture()
+def demo_images(tmp_path) -> list[Path]:
+    """The demo dataset's images and captions, as files a person would upload."""
+    from zimage.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "demo-src", count=8)
+    return sorted((tmp_path / "demo-src" / "images").iterdir())
+
+
+def shot(page, name: str, folders: list[Path], height: int = 1300) -> None:
+    """Save the screen; Streamlit scrolls inside its own container, so a long page gets a taller window."""
+    page.set_viewport_size({"width": 1500, "height": height})
+    page.wait_for_timeout(800)  # let charts and images paint
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+
+
+def settle(page, timeout: float = 20.0) -> None:
+    """Wait until the app's rerun is over: no status widget ("Running...") and no stale elements left."""
+    page.wait_for_timeout(500)  # Streamlit shows its status widget only after a short delay
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = page.locator("[data-testid='stStatusWidget']").count() or page.locator("[data-stale='true']").count()
+        if not busy:
+            return
+        page.wait_for_timeout(200)
+    raise AssertionError("the app kept running for more than {timeout} s")
+
+
+def fill_number(page, label: str, value: str, shown: str | None = None) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(value)
+    box.press("Enter")
+    settle(page)
+    assert page.get_by_label(label, exact=True).input_value() == (shown or value)
+
+
+def open_group(page, title: str) -> None:
+    """Open the Train form's expander `title` unless it is open already."""
+    details = page.locator("details", has=page.locator("summary", has_text=title)).first
+    if details.get_attribute("open") is None:
+        details.locator("summary").click()
+        page.wait_for_timeout(300)
+
+
+def launch(page) -> str:
+    """Press Launch and return the queued run's id from the confirmation."""
+    settle(page)
+    page.get_by_role("button", name="Launch").click()
+    note = page.get_by_text(re.compile(r"Queued run \S+: position \d")).first
+    note.wait_for(timeout=30_000)
+    return re.search(r"Queued run (\S+):", note.inner_text()).group(1)
+
+
+def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
+    shots = [tmp_path / "screenshots"]
+    if os.environ.get("ZIMAGE_SCREENSHOTS_DIR"):
+        shots.append(Path(os.environ["ZIMAGE_SCREENSHOTS_DIR"]))
+    log = tmp_path / "server.log"
+    started = time.monotonic()
+    with streamlit_server(home.home, log) as url, playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1300})
+        page.set_default_timeout(30_000)
+
+        # 1. Datasets: create one and upload the demo images with their captions
+        page.goto(f"{url}/Datasets")
+        page.get_by_label("Name (lowercase letters, digits, - and _)").fill("e2e-shapes")
+        page.get_by_label("Trigger word").first.fill("zshape")
+        page.get_by_role("button", name="Create dataset").click()
+        page.get_by_text("Created dataset e2e-shapes.").wait_for()
+        page.get_by_role("tab", name="Upload").click()
+        page.locator("input[type=file]").first.set_input_files([str(p) for p in demo_images])
+        page.get_by_text(demo_images[-1].name).first.wait_for()
+        page.get_by_role("button", name="Add to dataset").click()
+        page.get_by_text(re.compile(r"8 image\(s\) added, 8 with caption")).first.wait_for(state="attached")
+        images = home.datasets_dir / "e2e-shapes" / "images"
+        assert len(list(images.glob("*.png"))) == 8 and len(list(images.glob("*.txt"))) == 8
+        settle(page)
+        shot(page, "datasets", shots)
+
+        # 2. Train: quick_test on the tiny model, tiny settings, launched twice (the second: rank 4, lr 0.02)
+        page.goto(f"{url}/Train")
+        page.get_by_label("Your name (recorded on the runs you start)").fill("e2e")
+        page.get_by_label("Your name (recorded on the runs you start)").press("Enter")
+        open_group(page, "Training")
+        fill_number(page, "Steps", str(STEPS))
+        fill_number(page, "Resolution", "256")
+        first = launch(page)
+        open_group(page, "LoRA")
+        fill_number(page, "Rank (dim)", "4")
+        open_group(page, "Training")
+        fill_number(page, "Learning rate", "0.02", shown="2.00e-2")
+        second = launch(page)
+        config = read_json(home.runs_dir / second / "config.json")
+        assert (config["lora_rank"], config["learning_rate"], config["num_steps"]) == (4, 0.02, STEPS)
+        shot(page, "train", shots)
+
+        # 3. Home: the queue while the runs wait or train
+        page.goto(url)
+        page.get_by_text("Queue", exact=True).wait_for()
+        page.get_by_text(second).first.wait_for(state="attached")  # dataframe cells live on a canvas
+        shot(page, "home", shots)
+
+        # 4. Runs: watch the second run (queued behind the first) until it completes
+        page.goto(f"{url}/Runs?run={second}")
+        page.get_by_text(f"step {STEPS} / {STEPS} (100%) · completed").wait_for(timeout=WAIT_MS)
+        page.locator(".vega-embed").first.wait_for()  # the Altair charts
+        assert read_json(home.runs_dir / first / "status.json")["state"] == "completed"
+        assert (home.loras_dir / "quick_test.safetensors").is_file()
+        assert (home.loras_dir / "quick_test-2.safetensors").is_file()
+        shot(page, "runs", shots)
+
+        # 5. Compare: both runs, the settings that differ, overlaid curves
+        page.goto(f"{url}/Compare?runs={first},{second}")
+        page.get_by_text("Settings that differ").wait_for()
+        page.get_by_text("lora_rank").first.wait_for(state="attached")  # dataframe cells live on a canvas
+        page.locator(".vega-embed").first.wait_for()
+        # ... and a test grid of both LoRAs at strengths 0 and 1, rendered by a background job
+        page.get_by_label("Your name (recorded on the jobs you start)").fill("e2e")
+        page.get_by_label("Your name (recorded on the jobs you start)").press("Enter")
+        settle(page)
+        page.get_by_label("Strengths").fill("0, 1")
+        page.get_by_label("Size", exact=True).fill("128")
+        page.get_by_role("button", name="Render test grid").click()
+        page.get_by_text("Queued test grid").wait_for()
+        page.get_by_text("rows = LoRAs, columns = strengths").wait_for(timeout=WAIT_MS)
+        (grid_dir,) = [p for p in home.runs_dir.iterdir() if (p / "grid.png").exists()]
+        assert read_json(grid_dir / "status.json")["state"] == "completed"
+        assert len(list((grid_dir / "cells").glob("*.png"))) == 4
+        shot(page, "compare", shots, height=2300)
+        browser.close()
+    assert "Traceback" not in log.read_text(errors="replace")
+    assert time.monotonic() - started < 240

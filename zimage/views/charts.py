@@ -1,0 +1,132 @@
+"""EMA smoothing and the Altair charts of the Runs, Compare and Train pages.
+
+Series come from `zimage.registry.metric_series` (down-sampled in SQL: per bucket the min, max and last
+value). A chart draws the min-max band lightly (a loss spike stays visible after thinning), the raw
+values thinly and the smoothed line on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+GIB = 1024**3
+SERIES_COLUMNS = ["series", "x", "value", "smooth", "lo", "hi"]
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """TensorBoard-style exponential moving average with debiasing; weight 0 returns the values.
+
+    NaN / missing values keep the previous smoothed value, so one bad step does not break the line.
+    """
+    weight = min(max(float(weight), 0.0), 0.999)
+    out: list[float] = []
+    acc, count, last = 0.0, 0, math.nan
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out.append(last)
+            continue
+        acc = acc * weight + (1 - weight) * float(v)
+        count += 1
+        last = acc / (1 - weight**count) if weight > 0 else float(v)
+        out.append(last)
+    return out
+
+
+def series_frame(
+    df: pd.DataFrame,
+    metric: str,
+    smoothing: float = 0.0,
+    labels: Mapping[str, str] | None = None,
+    x_of: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    scale: float = 1.0,
+) -> pd.DataFrame:
+    """One metric of `metric_series` output as plot rows: series (run label), x, value, smooth, lo, hi.
+
+    `x_of` maps a run to (steps, x values) to plot against something else than the step (wall time);
+    `scale` divides the values (bytes -> GiB).
+    """
+    part = df[df["metric"] == metric] if not df.empty else df
+    frames = []
+    for run_id, rows in part.groupby("run_id", sort=False):
+        rows = rows.sort_values("step")
+        steps = rows["step"].to_numpy(dtype=float)
+        if x_of is not None and run_id in x_of:
+            xs_steps, xs = x_of[run_id]
+            x = np.interp(steps, xs_steps, xs) if len(xs_steps) else steps
+        else:
+            x = steps
+        values = rows["last"].to_numpy(dtype=float) / scale
+        frames.append(
+            pd.DataFrame(
+                {
+                    "series": (labels or {}).get(run_id, run_id),
+                    "x": x,
+                    "value": values,
+                    "smooth": ema(values.tolist(), smoothing),
+                    "lo": rows["min"].to_numpy(dtype=float) / scale,
+                    "hi": rows["max"].to_numpy(dtype=float) / scale,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SERIES_COLUMNS)
+
+
+def metric_chart(
+    frame: pd.DataFrame,
+    y_title: str,
+    x_title: str = "step",
+    log_y: bool = False,
+    smoothed: bool = False,
+    height: int = 240,
+) -> alt.LayerChart:
+    """Band (min-max per bucket) + raw line + smoothed line, one colour per series."""
+    data = frame.copy()
+    if log_y:  # a log axis cannot show zero or negative values
+        data = data[data["value"] > 0]
+        positive = data["value"].min() if not data.empty else 1.0
+        data["lo"] = data["lo"].where(data["lo"] > 0, positive)
+    scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    x = alt.X("x:Q", title=x_title, axis=alt.Axis(tickMinStep=1) if x_title == "step" else alt.Axis())
+    many = data["series"].nunique() > 1
+    # Every layer carries the same legend (Vega-Lite merges them); its symbols are drawn solid, not as faint
+    # as the band that comes first.
+    legend = (
+        alt.Legend(orient="bottom", labelLimit=400, symbolType="stroke", symbolOpacity=1, symbolStrokeWidth=3)
+        if many
+        else None
+    )
+    color = alt.Color("series:N", title=None, legend=legend)
+    base = alt.Chart(data).encode(x=x, color=color)
+    tooltip = [alt.Tooltip("series:N"), alt.Tooltip("x:Q", title=x_title, format=",.2f"),
+               alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("smooth:Q", title="smoothed", format=".4g")]  # fmt: skip
+    band = base.mark_area(opacity=0.12).encode(y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q")
+    raw = base.mark_line(opacity=0.35 if smoothed else 1.0, strokeWidth=1).encode(
+        y=alt.Y("value:Q", scale=scale, title=y_title), tooltip=tooltip
+    )
+    layers = [band, raw]
+    if smoothed:
+        layers.append(
+            base.mark_line(strokeWidth=2).encode(y=alt.Y("smooth:Q", scale=scale, title=y_title), tooltip=tooltip)
+        )
+    return alt.layer(*layers).properties(height=height).interactive(bind_y=False)
+
+
+def memory_chart(rows: Sequence[Mapping]) -> alt.Chart:
+    """Stacked bars: one per phase of a run, split into what takes the memory (rows: phase, item, gib)."""
+    data = pd.DataFrame(list(rows), columns=["phase", "item", "gib"])
+    return (
+        alt.Chart(data)
+        .mark_bar()
+        .encode(
+            y=alt.Y("phase:N", title=None, sort=None, axis=alt.Axis(labelLimit=200)),
+            x=alt.X("sum(gib):Q", title="GiB"),
+            color=alt.Color("item:N", title=None, legend=alt.Legend(orient="bottom", columns=2, labelLimit=180)),
+            tooltip=["phase", "item", alt.Tooltip("gib:Q", format=".2f")],
+        )
+        .properties(height=alt.Step(34))  # a fixed band per phase: the legend below cannot squash the bars
+    )

@@ -1,0 +1,63 @@
+"""The Home page: the machine (GPUs or CPU only, disk), the queue, active runs, recent LoRAs."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from zimage.settings import Settings
+from zimage.system import GpuInfo, human_bytes
+from zimage.views.format import clock, fraction, progress_text
+
+
+def gpu_rows(gpus: list[GpuInfo]) -> list[dict]:
+    return [
+        {
+            "GPU": g.index,
+            "name": g.name,
+            "memory in use": f"{human_bytes(g.used_bytes)} of {human_bytes(g.total_bytes)}",
+            "use %": round(100 * g.used_bytes / g.total_bytes, 1) if g.total_bytes else 0.0,
+        }
+        for g in gpus
+    ]
+
+
+def disk_rows(usage: dict[str, int]) -> list[tuple[str, str]]:
+    """(label, size) for datasets, models, registry, caches and the free space."""
+    labels = {"datasets": "Datasets", "models": "Models", "registry": "Registry", "cache": "Caches", "free": "Free"}
+    return [(labels.get(k, k), human_bytes(v)) for k, v in usage.items()]
+
+
+def recent_loras(settings: Settings, limit: int = 10) -> list[dict]:
+    """Trained LoRA files, newest first: name, size, saved."""
+    folder = settings.loras_dir
+    files = [p for p in folder.glob("*.safetensors") if not p.name.startswith(".")] if folder.is_dir() else []
+    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [
+        {"LoRA": p.stem, "size": human_bytes(p.stat().st_size), "saved": clock(p.stat().st_mtime), "path": str(p)}
+        for p in files[:limit]
+    ]
+
+
+def queue_rows(df: pd.DataFrame) -> list[dict]:
+    """registry.queue rows: position (queued only), run, kind, user, state."""
+    return [
+        {
+            "position": "" if pd.isna(r.position) else str(int(r.position)),  # text: running jobs have none
+            "run": r.run_id,
+            "kind": r.kind,
+            "name": r.name,
+            "user": r.user,
+            "state": r.state,
+        }
+        for r in df.itertuples(index=False)
+    ]
+
+
+def active_progress(df: pd.DataFrame) -> list[tuple[str, float, str]]:
+    """(run id, fraction, text) for each running run's progress bar (from list_runs rows)."""
+    out = []
+    for r in df.itertuples(index=False):
+        name = r.name or r.output_name or r.run_id
+        text = f"{name} ({r.kind}, {r.user}) · " + progress_text(r.step, r.total_steps, r.eta, r.state)
+        out.append((r.run_id, fraction(r.step, r.total_steps), text))
+    return out

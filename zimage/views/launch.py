@@ -1,0 +1,59 @@
+"""Launching from the Train page: checks, the queue, the position in line, the next free output name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from zimage import jobs
+from zimage.errors import UserError
+from zimage.jobs.queue import queued_runs
+from zimage.jobs.scheduler import refresh_run
+from zimage.runfolder import ACTIVE_STATES
+from zimage.settings import Settings
+from zimage.views import train_form as tf
+
+
+class NotLaunched(UserError):
+    """The form cannot be launched as it is; the message says what to fix."""
+
+
+def busy_outputs(runs: pd.DataFrame) -> dict[str, str]:
+    """output_name -> run id of the training runs that are waiting or running (list_runs rows)."""
+    if runs.empty:
+        return {}
+    live = runs[runs["state"].isin(["queued", *ACTIVE_STATES])]
+    return {name: run_id for name, run_id in zip(live["output_name"], live["run_id"], strict=True) if name}
+
+
+def queue_position(settings: Settings, run_id: str) -> int | None:
+    """1-based place in the queue (1 starts next); None once the job has left the queue."""
+    for i, (rid, _status) in enumerate(queued_runs(settings), 1):
+        if rid == run_id:
+            return i
+    return None
+
+
+def launch_run(
+    settings: Settings, values: Mapping[str, Any], user: str | None, busy: Mapping[str, str]
+) -> tuple[str, int | None, str]:
+    """Check the form and queue the run: (run id, queue position, a free output name for the next run)."""
+    problems, _resolved = tf.check(values, settings, busy)
+    if problems:
+        n = sum(len(v) for v in problems.values())
+        raise NotLaunched(f"Not launched: {n} setting(s) need attention (marked next to the fields).")
+    if not user:
+        raise NotLaunched("Your name: type it in the sidebar first, so the team knows whose run this is.")
+    config = tf.config_from_values(values)
+    run_id = jobs.enqueue(settings, "train", config.to_dict(), user=user, name=config.output_name)
+    refresh_run(settings, run_id)  # the registry (Runs page, busy names) knows it at once
+    following = tf.free_output_name(settings, config.output_name, taken=[*busy, config.output_name])
+    return run_id, queue_position(settings, run_id), following
+
+
+def position_text(run_id: str, position: int | None) -> str:
+    if position is None:
+        return f"Run {run_id} has started."
+    return f"Queued run {run_id}: position {position} in the queue" + (" (starts next)." if position == 1 else ".")

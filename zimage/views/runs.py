@@ -1,0 +1,188 @@
+"""The Runs page: the table of runs, one run's charts, the actions its state allows, log tail, samples."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from zimage.runfolder import ACTIVE_STATES, FINAL_STATES
+from zimage.settings import Settings
+from zimage.views import charts
+from zimage.views.format import clock, duration, fraction, number, progress_text
+
+LIVE_STATES = ("queued", *ACTIVE_STATES)
+RUN_METRICS = ("loss", "lr", "step_time", "mem_allocated", "mem_peak")
+ACTIONS = {"stop": "Stop", "pause": "Pause", "resume": "Resume", "save_now": "Save now", "sample_now": "Sample now"}
+TABLE_COLUMNS = ["run", "name", "state", "user", "dataset", "progress", "steps", "last loss", "ETA", "started"]
+THUMB_SIZE = 256
+
+
+def runs_table(df: pd.DataFrame, now: float | None = None) -> pd.DataFrame:
+    """`list_runs` rows as the page shows them: progress in percent, ETA and start time as text."""
+    if df.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    rows = []
+    for r in df.itertuples(index=False):
+        live = r.state in ("running", "starting")
+        total = "" if pd.isna(r.total_steps) else f" / {int(r.total_steps)}"
+        rows.append(
+            {
+                "run": r.run_id,
+                "name": r.name or r.output_name or "",
+                "state": r.state or "",
+                "user": r.user or "",
+                "dataset": r.dataset or "",
+                "progress": 0.0 if pd.isna(r.progress) else round(float(r.progress) * 100, 1),
+                "steps": f"{0 if pd.isna(r.step) else int(r.step)}{total}",
+                "last loss": number(r.last_loss),
+                "ETA": duration(r.eta) if live else "",
+                "started": clock(r.started if not pd.isna(r.started) else r.created, now),
+            }
+        )
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def run_label(row: Any) -> str:
+    """A run in a picker or legend: 'name · created'. No state in it: a label must not change while the run
+    goes from queued to completed (Streamlit keeps a picked option by its label)."""
+    name = row.get("name") or row.get("output_name") or row.get("run_id")
+    created = row.get("created")
+    created = created if created is not None and not pd.isna(created) else row.get("started")
+    return f"{name} · {clock(created)}" if clock(created) else str(name)
+
+
+def action_states(state: str | None) -> dict[str, bool]:
+    """Which of Stop / Pause / Resume / Save now / Sample now a run in `state` accepts (zimage.jobs.control)."""
+    on = set()
+    if state == "queued":
+        on = {"stop"}  # cancels it
+    elif state in ("starting", "running"):
+        on = {"stop", "pause", "save_now", "sample_now"}
+    elif state == "paused":
+        on = {"stop", "resume", "save_now", "sample_now"}
+    elif state in ("stopped", "failed", "lost"):
+        on = {"resume"}  # back in line; continues from its last checkpoint
+    return {action: action in on for action in ACTIONS}
+
+
+def progress_line(detail: dict) -> tuple[float, str]:
+    """(fraction, text) for the run's progress bar."""
+    status = detail.get("status") or {}
+    step = detail.get("step") if detail.get("step") is not None else status.get("step")
+    total = detail.get("total_steps") if detail.get("total_steps") is not None else status.get("total_steps")
+    eta = detail.get("eta")
+    return fraction(step, total), progress_text(step, total, eta, detail.get("state"))
+
+
+def is_final(state: str | None) -> bool:
+    return state in FINAL_STATES
+
+
+def run_charts(series: pd.DataFrame, smoothing: float, log_y: bool) -> dict[str, Any]:
+    """Altair charts of one run: loss (smoothed, optional log axis), learning rate, step time, memory."""
+    out = {}
+    loss = charts.series_frame(series, "loss", smoothing, labels=_all_as(series, "loss"))
+    out["Loss"] = charts.metric_chart(loss, "loss", log_y=log_y, smoothed=smoothing > 0) if not loss.empty else None
+    for metric, title in (("lr", "Learning rate"), ("step_time", "Step time (s)")):
+        frame = charts.series_frame(series, metric, labels=_all_as(series, metric))
+        out[title] = charts.metric_chart(frame, title.lower(), height=180) if not frame.empty else None
+    mem = pd.concat(
+        [
+            charts.series_frame(series, "mem_allocated", labels=_all_as(series, "allocated"), scale=charts.GIB),
+            charts.series_frame(series, "mem_peak", labels=_all_as(series, "peak"), scale=charts.GIB),
+        ],
+        ignore_index=True,
+    )
+    out["Memory (GiB)"] = charts.metric_chart(mem, "GiB", height=180) if not mem.empty else None
+    return out
+
+
+def _all_as(series: pd.DataFrame, label: str) -> dict[str, str]:
+    return {run_id: label for run_id in (series["run_id"].unique() if not series.empty else [])}
+
+
+def log_tail(run_dir: Path | str, lines: int = 40, block: int = 32768) -> str:
+    """The last `lines` lines of the run's log.txt (reads only its end); '' when there is none."""
+    path = Path(run_dir) / "log.txt"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - block))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join([ln for ln in text.split("\n") if ln.strip()][-lines:])
+
+
+def lora_file(detail: dict) -> Path | None:
+    """The run's finished LoRA (or fine-tune) file, when it exists."""
+    status = detail.get("status") or {}
+    path = detail.get("output_path") or status.get("output_path")
+    if not path:
+        return None
+    p = Path(path)
+    return p if p.is_file() else None
+
+
+def file_reader(path: Path):
+    """A callable for st.download_button: the file is read only when someone clicks."""
+    return lambda: Path(path).read_bytes()
+
+
+def thumbnail(settings: Settings, image: Path | str, size: int = THUMB_SIZE) -> Path | None:
+    """A cached JPEG thumbnail of a sample image (under cache/thumbs, never inside the worker's run folder)."""
+    from PIL import Image
+
+    from zimage.data.images import ImageProblem, open_rgb
+
+    image = Path(image)
+    try:
+        st = image.stat()
+    except OSError:
+        return None
+    key = hashlib.sha1(f"{image}:{st.st_size}:{st.st_mtime_ns}:{size}".encode()).hexdigest()[:20]
+    target = settings.cache_dir / "thumbs" / f"{key}.jpg"
+    if target.exists():
+        return target
+    try:
+        rgb = open_rgb(image)
+    except ImageProblem:
+        return None
+    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".jpg", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            rgb.save(fh, format="JPEG", quality=88)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def sample_tiles(settings: Settings, samples: pd.DataFrame, step: int) -> list[tuple[str, str]]:
+    """(thumbnail path, caption) of every sample image written at `step`."""
+    out = []
+    for r in samples[samples["step"] == step].itertuples(index=False):
+        thumb = thumbnail(settings, r.path)
+        if thumb is not None:
+            out.append((str(thumb), f"{r.prompt or ''} · seed {r.seed}" if r.seed is not None else (r.prompt or "")))
+    return out
+
+
+def checkpoint_rows(df: pd.DataFrame) -> list[dict]:
+    from zimage.system import human_bytes
+
+    return [
+        {"checkpoint": r.name, "step": None if pd.isna(r.step) else int(r.step),
+         "size": human_bytes(r.size or 0), "saved": clock(r.mtime)}
+        for r in df.itertuples(index=False)
+    ]  # fmt: skip
