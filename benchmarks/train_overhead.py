@@ -1,0 +1,170 @@
+"""How much the trainer adds on top of the bare maths, and what the caches save.
+
+Prints, from one run on this machine (tiny model, demo dataset, CPU unless CUDA is there):
+- steps/s of LoraTrainer.train() (caches warm, sampling and saving off, metrics logged every step)
+  divided by steps/s of a bare loop doing only forward + backward + optimizer step on the same tensors
+  (target >= 0.95);
+- time from a new trainer to its first finished step with a cold cache and with a warm one
+  (target: warm <= 1/3 of cold).
+
+    .venv/bin/python benchmarks/train_overhead.py [--steps 60] [--rounds 5] [--resolution 256 512]
+
+The overhead is a fixed cost per step (noise and timestep draws, gradient clipping, a metrics line,
+the control poll: about 1 ms on a 2-core CPU), so its share shrinks as steps grow: the tiny model at
+256 px (~18 ms steps) is the hardest case, 512 px (~35 ms) is shown beside it, real models take seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zimage.config import build_config, validate_config  # noqa: E402
+from zimage.demo import write_demo_dataset  # noqa: E402
+from zimage.runfolder import RunFolder  # noqa: E402
+from zimage.settings import Settings  # noqa: E402
+from zimage.tiny import TINY_MODEL_NAME, write_tiny_model  # noqa: E402
+from zimage.training import zimage_math  # noqa: E402
+from zimage.training.reporting import Reporter  # noqa: E402
+from zimage.training.timesteps import sample_sigmas  # noqa: E402
+from zimage.training.trainer import LoraTrainer  # noqa: E402
+
+
+def make_config(steps: int, resolution: int, name: str) -> dict:
+    return {
+        "model_path": TINY_MODEL_NAME,
+        "dataset_path": "demo-shapes",
+        "resolution": resolution,
+        "lora_rank": 8,
+        "lora_alpha": 8,
+        "learning_rate": 1e-4,
+        "num_steps": steps,
+        "gradient_accumulation": 1,
+        "optimizer": "adamw",
+        "lr_scheduler": "constant",
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "caption_dropout": 0.0,
+        "save_every_n_steps": 0,
+        "sample_every_n_steps": 0,
+        "log_every_n_steps": 1,
+        "output_name": name,
+        "overwrite": True,
+    }
+
+
+def time_to_first_step(settings: Settings, resolution: int, name: str) -> tuple[float, LoraTrainer]:
+    resolved = validate_config(build_config(make_config(1, resolution, name)), settings)
+    t0 = time.perf_counter()
+    trainer = LoraTrainer(resolved, settings)
+    trainer.setup()
+    trainer.train_step()
+    return time.perf_counter() - t0, trainer
+
+
+def intervals(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def trainer_step_times(settings: Settings, steps: int, resolution: int, run_dir: Path) -> list[float]:
+    """Seconds per step of train(): the time between consecutive step callbacks (all per-step work included)."""
+    resolved = validate_config(build_config(make_config(steps, resolution, "bench")), settings)
+    reporter = Reporter(RunFolder(run_dir))  # real run-folder writes, heartbeat thread as `zimage train` runs it
+    reporter.start_heartbeat()
+    trainer = LoraTrainer(resolved, settings, reporter)
+    trainer.setup()
+    stamps: list[float] = []
+    trainer.train(on_step=lambda _record: stamps.append(time.perf_counter()))
+    trainer.cleanup()
+    reporter.stop_heartbeat()
+    return intervals(stamps)
+
+
+def bare_step_times(settings: Settings, steps: int, resolution: int) -> float:
+    """The same model, LoRA, optimizer and batches, with every input made before the clock starts."""
+    resolved = validate_config(build_config(make_config(steps, resolution, "bare")), settings)
+    trainer = LoraTrainer(resolved, settings)
+    trainer.setup()  # warm cache: only loads the transformer and builds LoRA + optimizer
+    # The optimizer itself, not accelerate's wrapper: the bare loop does nothing but the maths.
+    model, optimizer, params = trainer.transformer, trainer.optimizer.optimizer, trainer.params
+    gen = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(steps):
+        batch = trainer.sampler.next_batch()
+        x0 = torch.stack([trainer.features.latents[i] for i in batch])
+        noise = torch.randn(x0.shape, generator=gen)
+        sigmas = sample_sigmas(len(batch), "sigmoid", generator=gen)
+        text = [trainer.features.text[trainer.training_set.items[i].caption] for i in batch]
+        inputs.append((zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text, x0 - noise))
+    stamps = []
+    for x_t, sigmas, text, target in inputs:
+        pred = zimage_math.predict(model, x_t, sigmas, text)
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    del params
+    trainer.cleanup()
+    return intervals(stamps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-") as tmp:
+        settings = Settings(home=Path(tmp)).ensure()
+        write_tiny_model(settings.base_models_dir / TINY_MODEL_NAME)
+        write_demo_dataset(settings.datasets_dir / "demo-shapes")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        first = args.resolution[0]
+        print(f"device {device}, torch threads {torch.get_num_threads()}")
+
+        # Time to first step: the first trainer fills the cache, the second finds everything there. Both
+        # start with every library imported and the model files read once, so only the cache differs.
+        model_dir = settings.base_models_dir / TINY_MODEL_NAME
+        zimage_math.load_vae(model_dir, device)
+        zimage_math.load_text_encoder(model_dir, device)
+        zimage_math.load_transformer(model_dir)
+        cold, trainer = time_to_first_step(settings, first, "cold")
+        trainer.cleanup()
+        warm, trainer = time_to_first_step(settings, first, "warm")
+        stats = trainer.cache_stats
+        trainer.cleanup()
+        print(
+            f"time to first step at {first} px: cold {cold:.2f} s, warm {warm:.2f} s, "
+            f"warm/cold {warm / cold:.3f} (target <= 0.333)"
+        )
+        print(
+            f"  warm run encoded latents={stats.latents_encoded} captions={stats.text_encoded}, "
+            f"loaded vae={stats.vae_loaded} text_encoder={stats.text_encoder_loaded}"
+        )
+
+        # Loop overhead: alternate bare and trainer rounds so load changes hit both alike; compare the medians
+        # of all step times (a shared machine's bursts land in the tails, not in the median).
+        for resolution in args.resolution:
+            bare, full = [], []
+            for r in range(args.rounds):
+                bare += bare_step_times(settings, args.steps, resolution)
+                full += trainer_step_times(settings, args.steps, resolution, Path(tmp) / f"run{resolution}-{r}")
+            b, f = statistics.median(bare), statistics.median(full)
+            print(
+                f"{resolution} px: trainer {1 / f:.2f} steps/s ({f * 1000:.1f} ms), bare loop {1 / b:.2f} steps/s "
+                f"({b * 1000:.1f} ms), ratio {b / f:.3f} (target >= 0.95)"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`zimage train [CONFIG] [--run-dir DIR] [--preset NAME] [--set key=value ...]`: train a LoRA headless.
+
+- With CONFIG (JSON/YAML) and no --run-dir: creates registry/runs/<YYYYMMDD-HHMMSS>-<output_name>/, writes
+  the full config there as config.json and trains in it.
+- With --run-dir DIR holding config.json (the job queue's way): trains from that file and never changes it.
+- An invalid config exits 2 with every problem listed and starts no run (a folder this command created is
+  removed again; a queue's folder gets status `failed` with the problems).
+- `zimage train --resume RUN_DIR` continues a stopped, failed or lost run from its newest complete
+  checkpoint with the run's own config.json (the queue's resume does the same: it launches
+  `--run-dir DIR` with `resume: true` in status.json).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a LoRA from a config file or a run folder")
+    p.add_argument("config", nargs="?", help="training config (.json / .yaml); optional with --run-dir")
+    p.add_argument("--run-dir", help="run folder; its config.json is used when CONFIG is not given")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its newest checkpoint"
+    )
+    p.add_argument("--preset", help="start from a preset: quick_test, character_lora, style_lora, concept_lora")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field (repeatable), e.g. --set lora_rank=16")  # fmt: skip
+    p.set_defaults(handler=run)
+
+
+def new_run_dir(runs_dir: Path, output_name: str) -> Path:
+    """registry/runs/<timestamp>-<output_name>, created now; a suffix keeps two starts in one second apart."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{output_name}"
+    for n in range(1, 1000):
+        path = runs_dir / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {runs_dir}")
+
+
+def run(args) -> int:
+    from zimage.config import ConfigError, build_config, parse_override, read_config_file, validate_config
+    from zimage.errors import UserError
+    from zimage.runfolder import RunFolder
+    from zimage.settings import get_settings
+
+    settings = get_settings()
+    if args.resume:
+        if args.config or args.run_dir or args.preset or args.overrides:
+            raise UserError(
+                "--resume RUN_DIR uses the run's own config.json: give no CONFIG, --run-dir, --preset or --set"
+            )
+        return resume(Path(args.resume).expanduser().resolve(), settings)
+    run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+    if run_dir is not None and not args.config and RunFolder(run_dir).read_status().get("resume"):
+        return resume(run_dir, settings)  # the job queue's resume of a stopped / lost run
+    if args.config:
+        raw = read_config_file(args.config)
+        if run_dir is not None and RunFolder(run_dir).config_path.exists():
+            raise UserError(f"{run_dir} already holds a config.json; give either CONFIG or --run-dir, not both")
+    elif run_dir is not None:
+        folder = RunFolder(run_dir)
+        if not folder.config_path.exists():
+            raise UserError(f"--run-dir {run_dir}: no config.json there (and no CONFIG given)")
+        raw = read_config_file(folder.config_path)
+    elif args.preset:
+        raw = {}
+    else:
+        raise UserError("give a CONFIG file, a --run-dir holding config.json, or a --preset with --set fields")
+    overrides = dict(parse_override(item) for item in args.overrides)
+
+    queued_folder = run_dir is not None and not args.config
+    try:
+        config = build_config(raw, preset=args.preset, overrides=overrides)
+        resolved = validate_config(config, settings)
+    except ConfigError as exc:
+        if queued_folder:  # the queue must see why its job never started
+            RunFolder(run_dir).update_status(state="failed", error=str(exc), ended=time.time())
+        raise
+
+    created = run_dir is None
+    if run_dir is None:
+        run_dir = new_run_dir(settings.runs_dir, resolved.config.output_name)
+    folder = RunFolder(run_dir)
+    try:
+        if not folder.config_path.exists():
+            folder.write_config(resolved.config.to_dict())
+    except OSError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    print(f"run folder: {run_dir}", flush=True)
+    return _train_with_progress(resolved, settings, run_dir)
+
+
+def resume(run_dir: Path, settings) -> int:
+    """Continue the run in `run_dir` from its newest checkpoint (its config.json is used unchanged)."""
+    from zimage.config import ConfigError, build_config, read_config_file, validate_config
+    from zimage.errors import UserError
+    from zimage.runfolder import ACTIVE_STATES, RunFolder
+    from zimage.training.checkpoints import newest_checkpoint
+
+    folder = RunFolder(run_dir)
+    if not folder.config_path.exists():
+        raise UserError(f"--resume {run_dir}: not a run folder (no config.json there)")
+    status = folder.read_status()
+    state = status.get("state")
+    if state == "completed":
+        raise UserError(f"--resume {run_dir}: the run already completed; start a new run to train further")
+    if state in ACTIVE_STATES and status.get("pid") and folder.worker_alive():
+        raise UserError(f"--resume {run_dir}: the run is {state} in process {status.get('pid')}; stop it first")
+    config = build_config(read_config_file(folder.config_path))
+    # The LoRA this run saved when it stopped may be replaced by the resumed run; any other file may not.
+    earlier = status.get("output_path")
+    ours = bool(earlier) and Path(earlier).exists()
+    try:
+        resolved = validate_config(config.replace(overwrite=True) if ours else config, settings)
+        if ours and resolved.output_path != Path(earlier) and not config.overwrite:
+            resolved = validate_config(config, settings)
+    except ConfigError as exc:
+        folder.update_status(state="failed", error=str(exc), ended=time.time())
+        raise
+    folder.clear_stop()  # the stop that ended the earlier process is not a request to this one
+    ckpt = newest_checkpoint(folder.checkpoints_dir)
+    where = f"step {ckpt.step} ({ckpt.path.name})" if ckpt else "step 0 (no checkpoint yet)"
+    print(f"run folder: {run_dir}\nresuming from {where}", flush=True)
+    return _train_with_progress(resolved, settings, run_dir, resume=True)
+
+
+def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False) -> int:
+    from tqdm import tqdm
+
+    from zimage.training.runner import run_training
+
+    bar = tqdm(total=resolved.config.num_steps, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+    if resume:
+        from zimage.runfolder import RunFolder
+        from zimage.training.checkpoints import newest_checkpoint
+
+        ckpt = newest_checkpoint(RunFolder(run_dir).checkpoints_dir)
+        bar.update(ckpt.step if ckpt else 0)
+
+    def on_step(record: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+
+    def echo(message: str) -> None:
+        tqdm.write(message, file=sys.stderr)
+
+    try:
+        code = run_training(resolved, settings, run_dir, echo=echo, on_step=on_step, resume=resume)
+    finally:
+        bar.close()
+    from zimage.runfolder import RunFolder
+
+    status = RunFolder(run_dir).read_status()
+    if code == 0:
+        print(f"{status.get('state')}: {status.get('output_path')}")
+    else:
+        print(f"error: {status.get('error')}", file=sys.stderr)
+    return code

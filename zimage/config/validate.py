@@ -1,0 +1,305 @@
+"""Check a TrainingConfig against the rules, the disk and this machine; report every problem at once.
+
+`validate_config` returns a ResolvedConfig: the config with every "follow the model/dataset" default
+filled in, plus the resolved paths a trainer needs. An invalid config raises ConfigError and nothing
+else happens (no folder created, no file written).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from zimage import catalogue
+from zimage.config.schema import (
+    CONFIG_VERSION,
+    LOSS_WEIGHTINGS,
+    MIXED_PRECISIONS,
+    SAVE_DTYPES,
+    TARGET_BLOCKS,
+    TARGET_MODULES,
+    TIMESTEP_SAMPLINGS,
+    TRAINING_TYPES,
+    ConfigError,
+    ConfigProblem,
+    TrainingConfig,
+)
+from zimage.data.folders import BadName, DatasetFolder, DatasetInfo, check_slug
+from zimage.data.images import ImageProblem, open_rgb
+from zimage.settings import Settings
+
+# Sampling defaults by model type (DESIGN.md section 3): Turbo samples at 8 steps without CFG.
+SAMPLING_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}
+MIN_RESOLUTION, MAX_RESOLUTION = 256, 4096
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """What this machine can run: decides mixed precision, quantization and optimizer checks."""
+
+    cuda: bool
+    bf16: bool  # bf16 autocast works here (CPU: yes; CUDA: Ampere or newer)
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+    @classmethod
+    def detect(cls) -> MachineInfo:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, bf16=(torch.cuda.is_bf16_supported() if cuda else True))
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A valid config with its defaults filled and the paths it points at resolved."""
+
+    config: TrainingConfig
+    model_dir: Path
+    model_entry: catalogue.ModelEntry
+    dataset_dir: Path
+    dataset_info: DatasetInfo
+    output_path: Path  # <output_dir>/<output_name>.safetensors
+    adapter_path: Path | None  # the training adapter merged at +1 before training (Turbo)
+    machine: MachineInfo
+
+
+def resolve_dataset(dataset_path: str, settings: Settings) -> Path | None:
+    """A dataset name under datasets/ or a folder path; None when neither exists."""
+    if not dataset_path:
+        return None
+    by_name = settings.datasets_dir / dataset_path
+    if "/" not in dataset_path and "\\" not in dataset_path and by_name.is_dir():
+        return by_name
+    folder = Path(dataset_path).expanduser()
+    if not folder.is_absolute():
+        folder = settings.home / folder if (settings.home / folder).is_dir() else folder
+    return folder.resolve() if folder.is_dir() else None
+
+
+def output_dir_for(config: TrainingConfig, settings: Settings) -> Path:
+    if not config.output_dir:
+        return settings.loras_dir
+    folder = Path(config.output_dir).expanduser()
+    return folder if folder.is_absolute() else settings.home / folder
+
+
+def _first_usable_image(folder: DatasetFolder, min_side: int) -> tuple[int, str]:
+    """(number of image files, reason the last one failed) — stops at the first image that decodes."""
+    items = folder.items()
+    reason = ""
+    for item in items:
+        try:
+            open_rgb(item.image, min_side=min_side)
+            return len(items), ""
+        except ImageProblem as exc:
+            reason = str(exc)
+    return len(items), reason or "no image files"
+
+
+@lru_cache(maxsize=16)
+def _optimizer_problem(name: str, device_type: str) -> str | None:
+    from zimage.training.optim import optimizer_problem
+
+    return optimizer_problem(name, device_type)
+
+
+def validate_config(config: TrainingConfig, settings: Settings, machine: MachineInfo | None = None) -> ResolvedConfig:
+    """Check everything; raise ConfigError listing every problem, or return the ResolvedConfig."""
+    machine = machine or MachineInfo.detect()
+    c = config
+    problems: list[ConfigProblem] = []
+
+    def bad(field: str, value, allowed: str) -> None:
+        problems.append(ConfigProblem(field, value, allowed))
+
+    # -- values that need nothing but the config
+    if c.config_version != CONFIG_VERSION:
+        bad("config_version", c.config_version, f"this version of the studio reads config_version {CONFIG_VERSION}")
+    if c.training_type not in TRAINING_TYPES:
+        bad("training_type", c.training_type, f"must be one of {', '.join(TRAINING_TYPES)}")
+    if c.model_type is not None and c.model_type not in catalogue.MODEL_TYPES:
+        bad(
+            "model_type", c.model_type, f"must be one of {', '.join(catalogue.MODEL_TYPES)} (or null: follow the model)"
+        )
+    if c.resolution % 16 or not MIN_RESOLUTION <= c.resolution <= MAX_RESOLUTION:
+        bad("resolution", c.resolution, f"must be a multiple of 16 from {MIN_RESOLUTION} to {MAX_RESOLUTION}")
+    if not 0.0 <= c.caption_dropout <= 1.0:
+        bad("caption_dropout", c.caption_dropout, "must be between 0 and 1")
+    if c.min_image_side is not None and c.min_image_side < 8:
+        bad("min_image_side", c.min_image_side, "must be at least 8 (or null: resolution // 4)")
+    if c.lora_rank < 1:
+        bad("lora_rank", c.lora_rank, "must be an integer >= 1")
+    if c.lora_alpha <= 0:
+        bad("lora_alpha", c.lora_alpha, "must be > 0 (the LoRA is scaled by alpha / rank)")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        bad("lora_dropout", c.lora_dropout, "must be >= 0 and < 1")
+    unknown_modules = [m for m in c.lora_target_modules if m not in TARGET_MODULES]
+    if unknown_modules or not c.lora_target_modules:
+        bad("lora_target_modules", c.lora_target_modules, f"a non-empty list from {', '.join(TARGET_MODULES)}")
+    unknown_blocks = [b for b in c.lora_target_blocks if b not in TARGET_BLOCKS]
+    if unknown_blocks or not c.lora_target_blocks:
+        bad("lora_target_blocks", c.lora_target_blocks, f"a non-empty list from {', '.join(TARGET_BLOCKS)}")
+    elif (
+        not unknown_modules
+        and c.lora_target_modules
+        and not any(
+            not (b == "context_refiner" and m.startswith("adaLN"))
+            for b in c.lora_target_blocks
+            for m in c.lora_target_modules
+        )
+    ):
+        bad("lora_target_modules", c.lora_target_modules, "context_refiner blocks have no adaLN_modulation; add others")
+    if c.train_text_encoder:
+        bad("train_text_encoder", True, "not supported: text embeddings are cached and the text encoder stays frozen")
+    if not c.learning_rate > 0:
+        bad("learning_rate", c.learning_rate, "must be > 0")
+    for name in ("num_steps", "batch_size", "gradient_accumulation", "log_every_n_steps"):
+        if getattr(c, name) < 1:
+            bad(name, getattr(c, name), "must be an integer >= 1")
+    for name in ("lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps", "keep_last_n_checkpoints", "seed"):
+        if getattr(c, name) < 0:
+            bad(name, getattr(c, name), "must be an integer >= 0")
+    if c.weight_decay < 0:
+        bad("weight_decay", c.weight_decay, "must be >= 0")
+    if c.max_grad_norm < 0:
+        bad("max_grad_norm", c.max_grad_norm, "must be >= 0 (0: no clipping)")
+    from diffusers.optimization import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
+    if c.lr_scheduler not in schedulers:
+        bad("lr_scheduler", c.lr_scheduler, f"must be one of {', '.join(schedulers)}")
+    if c.timestep_sampling not in TIMESTEP_SAMPLINGS:
+        bad("timestep_sampling", c.timestep_sampling, f"must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    if not c.timestep_shift > 0:
+        bad("timestep_shift", c.timestep_shift, "must be > 0")
+    if not c.logit_std > 0:
+        bad("logit_std", c.logit_std, "must be > 0")
+    if c.loss_weighting not in LOSS_WEIGHTINGS:
+        bad("loss_weighting", c.loss_weighting, f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
+    if c.save_dtype not in SAVE_DTYPES:
+        bad("save_dtype", c.save_dtype, f"must be one of {', '.join(SAVE_DTYPES)}")
+    if c.sample_steps is not None and c.sample_steps < 1:
+        bad("sample_steps", c.sample_steps, "must be an integer >= 1 (or null: the model's default)")
+    if c.sample_cfg is not None and c.sample_cfg < 1.0:
+        bad("sample_cfg", c.sample_cfg, "must be >= 1.0 (1.0 = no CFG; or null: the model's default)")
+    try:
+        check_slug(c.output_name, "output_name")
+    except BadName as exc:
+        bad("output_name", c.output_name, str(exc).split(": ", 1)[-1])
+
+    # -- this machine
+    if c.mixed_precision not in MIXED_PRECISIONS:
+        bad("mixed_precision", c.mixed_precision, f"must be one of {', '.join(MIXED_PRECISIONS)}")
+    elif c.mixed_precision == "fp16" and not machine.cuda:
+        bad("mixed_precision", "fp16", "fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    elif c.mixed_precision == "bf16" and not machine.bf16:
+        bad("mixed_precision", "bf16", "this GPU has no bf16 support; use fp16 or no")
+    for name in ("quantize", "quantize_te"):
+        if getattr(c, name):
+            why = "8-bit loading through bitsandbytes needs a CUDA GPU" if not machine.cuda else "not available yet"
+            bad(name, True, f"{why}; set it to false")
+    from zimage.training.optim import OPTIMIZERS
+
+    if c.optimizer not in OPTIMIZERS:
+        bad("optimizer", c.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
+    else:
+        reason = _optimizer_problem(c.optimizer, machine.device_type)
+        if reason:
+            bad("optimizer", c.optimizer, f"cannot run on this machine ({reason}); choose another optimizer")
+
+    # -- the model
+    entry, model_dir = None, None
+    try:
+        entry, model_dir = catalogue.resolve(c.model_path, settings)
+    except catalogue.CatalogueError as exc:
+        bad("model_path", c.model_path, str(exc))
+    model_type = c.model_type or (entry.model_type if entry else None)
+    use_adapter = c.use_training_adapter if c.use_training_adapter is not None else model_type == "turbo"
+    adapter_path = None
+    if c.training_type == "finetune":
+        if model_type != "de_turbo":
+            bad("training_type", "finetune", "a full fine-tune needs a De-Turbo model (model_type de_turbo)")
+        bad("training_type", "finetune", "full fine-tune is not available in this version yet; use lora")
+    if use_adapter and model_type == "de_turbo":
+        bad("use_training_adapter", True, "the training adapter is for Turbo models; De-Turbo trains without it")
+    elif use_adapter and model_type == "turbo":
+        adapter_path = _adapter_path(c, entry, settings)
+        if adapter_path is None or not adapter_path.is_file():
+            hint = (
+                f"run `zimage models download {entry.name}` to fetch it"
+                if entry is not None and entry.adapter is not None
+                else "set training_adapter_path to the adapter .safetensors file"
+            )
+            bad("use_training_adapter", True, f"the training adapter file {adapter_path} is missing: {hint}")
+    if adapter_path is not None and adapter_path.suffix != ".safetensors":
+        bad("training_adapter_path", str(adapter_path), "must be a .safetensors file (pickles are never loaded)")
+
+    # -- the dataset
+    dataset_dir = resolve_dataset(c.dataset_path, settings)
+    info = DatasetInfo(name="")
+    min_side = c.min_image_side if c.min_image_side is not None else c.resolution // 4
+    if not c.dataset_path:
+        bad("dataset_path", c.dataset_path, "required: a dataset name under datasets/ or a folder of images")
+    elif dataset_dir is None:
+        bad("dataset_path", c.dataset_path, f"no such dataset in {settings.datasets_dir} and no such folder")
+    else:
+        folder = DatasetFolder(dataset_dir)
+        try:
+            info = folder.read_info()
+        except (ValueError, TypeError, OSError) as exc:
+            bad("dataset_path", c.dataset_path, f"its dataset.json cannot be read ({exc})")
+        count, reason = _first_usable_image(folder, min_side)
+        if count == 0:
+            bad(
+                "dataset_path",
+                c.dataset_path,
+                f"no images in {folder.images_dir if folder.images_dir.is_dir() else dataset_dir}",
+            )
+        elif reason:
+            bad("dataset_path", c.dataset_path, f"none of its {count} images is usable (last: {reason})")
+
+    # -- the output file
+    output_path = output_dir_for(c, settings) / f"{c.output_name}.safetensors"
+    if output_path.exists() and not c.overwrite:
+        bad("output_name", c.output_name, f"{output_path} already exists; choose another name or set overwrite: true")
+    if output_path.parent.exists() and not output_path.parent.is_dir():
+        bad("output_dir", c.output_dir, f"{output_path.parent} is a file, not a folder")
+
+    if problems:
+        raise ConfigError(problems)
+    assert entry is not None and model_dir is not None and dataset_dir is not None
+    steps, cfg = (
+        (entry.sample_steps, entry.sample_cfg) if model_type == entry.model_type else SAMPLING_DEFAULTS[model_type]
+    )
+    filled = c.replace(
+        model_type=model_type,
+        use_training_adapter=use_adapter,
+        training_adapter_path=str(adapter_path) if adapter_path else None,
+        trigger_word=c.trigger_word if c.trigger_word is not None else info.trigger_word,
+        min_image_side=min_side,
+        output_dir=str(output_path.parent),
+        sample_steps=c.sample_steps if c.sample_steps is not None else steps,
+        sample_cfg=c.sample_cfg if c.sample_cfg is not None else cfg,
+    )
+    return ResolvedConfig(
+        config=filled,
+        model_dir=model_dir,
+        model_entry=entry,
+        dataset_dir=dataset_dir,
+        dataset_info=info,
+        output_path=output_path,
+        adapter_path=adapter_path,
+        machine=machine,
+    )
+
+
+def _adapter_path(c: TrainingConfig, entry: catalogue.ModelEntry | None, settings: Settings) -> Path | None:
+    if c.training_adapter_path:
+        path = Path(c.training_adapter_path).expanduser()
+        return path if path.is_absolute() else settings.home / path
+    adapter = entry.adapter if entry is not None and entry.adapter else catalogue.TURBO_ADAPTER
+    return settings.adapter_dir / adapter.filename

@@ -1,0 +1,1 @@
+"""Training: the trainer recipe, Z-Image maths, LoRA file io, optimizers and the run-folder runner."""

@@ -1,0 +1,406 @@
+"""The LoRA training recipe for Z-Image: one class, `LoraTrainer`, read top to bottom.
+
+Z-Image specifics live in zimage_math, data in zimage.data, file formats in lora_io; this file only
+orders them: setup (data, caches, model, optimizer) -> loop -> save.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zimage.config import ResolvedConfig
+from zimage.data.cache import CacheStats, FeatureCache
+from zimage.data.training_set import BucketBatchSampler, TrainingSet, scan_dataset
+from zimage.errors import UserError
+from zimage.settings import Settings
+from zimage.training import lora_io, zimage_math
+from zimage.training.features import Features, prepare_features
+from zimage.training.optim import build_optimizer
+from zimage.training.reporting import Reporter, memory_figures
+from zimage.training.timesteps import loss_weights, sample_sigmas
+
+ADAPTER_NAME = "default"  # the user's LoRA inside the peft-wrapped transformer
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the message says at which step and what to change."""
+
+
+@dataclass
+class TrainResult:
+    state: str  # "completed" | "stopped"
+    steps: int
+    output_path: Path | None
+    final_loss: float | None
+
+
+def target_regex(blocks: list[str], modules: list[str]) -> str:
+    """A peft target_modules regex (full match) for `modules` inside the `blocks` groups."""
+    inner = "|".join(m.replace(".", r"\.") for m in modules)
+    return rf"^({'|'.join(blocks)})\.\d+\.({inner})$"
+
+
+def _accelerator(mixed_precision: str, accumulation: int):
+    """An Accelerator for this run. accelerate keeps one state per process; a finished run in the same
+    process (tests, a notebook) may have left another precision there, which is dropped first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def make():
+        return Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation
+        )
+
+    try:
+        return make()
+    except ValueError as exc:
+        if "already been initialized" not in str(exc):
+            raise
+        AcceleratorState._reset_state()  # keeps the process-level (distributed) state
+        return make()
+
+
+class LoraTrainer:
+    """Train a LoRA on the Z-Image transformer from a validated config.
+
+        trainer = LoraTrainer(validate_config(config, settings), settings, Reporter(run_folder))
+        trainer.setup()           # data scan, caches, transformer + LoRA, optimizer, scheduler
+        result = trainer.train()  # the loop; saves the LoRA at the end (and on stop)
+        trainer.cleanup()
+
+    Supports: flow-matching training exactly as the Z-Image sampler runs (zimage_math); timestep
+    sampling sigmoid / logit-normal / uniform / shifted / mode and SD3 loss weightings
+    (diffusers.training_utils); a peft LoRA on configurable transformer modules (rank, alpha, dropout);
+    the Turbo training adapter merged at +1 before training; AdamW, AdamW8bit, Adafactor, Prodigy;
+    every diffusers LR scheduler with warmup; gradient accumulation; grad-norm clipping; bf16 / fp16 /
+    fp32; gradient checkpointing; a seed; aspect buckets; caption dropout; cached latents and text
+    embeddings (encoders loaded only on a cache miss, freed before training); NaN detection; stop and
+    pause requests (control.json, SIGTERM/SIGINT); accelerate on the CPU or one GPU, data-parallel ready
+    (per-rank batches and noise, main process encodes and saves); between steps (control.TrainingEvents)
+    stop / pause / save-now / sample-now requests, samples at step 0, every N steps and at the end
+    (sampling.py; the training adapter reversed at -1 while sampling), atomic checkpoints every N steps
+    with the last K kept and exact resume from the newest one (checkpoints.py, resume.py).
+    Not yet: full fine-tune, quantized loading.
+    """
+
+    def __init__(
+        self,
+        resolved: ResolvedConfig,
+        settings: Settings,
+        reporter: Reporter | None = None,
+        run_dir: Path | None = None,
+        resume_from=None,
+    ):
+        """`run_dir` holds checkpoints (default: the reporter's run folder); `resume_from` a Checkpoint."""
+        self.resolved = resolved
+        self.config = resolved.config
+        self.settings = settings
+        self.report = reporter or Reporter()
+        self.cache_stats = CacheStats()
+        self.step = 0  # optimizer steps done
+        self.stop_requested = False
+        self.losses: list[float] = []
+        self.transformer = None
+        self.output_path: Path | None = None
+        self.run_dir = Path(run_dir) if run_dir else (self.report.run.path if self.report.run is not None else None)
+        self.resume_from = resume_from
+        from zimage.training.control import TrainingEvents
+
+        self.events = TrainingEvents(self)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        c = self.config
+        self.accelerator = _accelerator(c.mixed_precision, c.gradient_accumulation)
+        self.device = self.accelerator.device
+        self.weight_dtype = WEIGHT_DTYPES[c.mixed_precision]
+        set_seed(c.seed)
+        self.report.status(phase="scanning dataset")
+
+        self.training_set = self._scan()
+        with self.accelerator.main_process_first():  # one process encodes; the others then find the cache
+            self.features = self._features(self.training_set)
+        self.report.progress(phase="loading transformer")
+        self.transformer, self.params = self._transformer_with_lora()
+        self.optimizer = build_optimizer(c.optimizer, self.params, c.learning_rate, c.weight_decay)
+        self.lr_scheduler = self._scheduler(self.optimizer)
+        self.transformer, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.transformer, self.optimizer, self.lr_scheduler
+        )
+        from accelerate.utils import DistributedType
+
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        self._accelerate_clips = self.accelerator.scaler is not None or sharded
+        # Everything random in the loop draws from these, so a resume can restore them exactly.
+        self.sampler = BucketBatchSampler(
+            [it.bucket for it in self.training_set.items],
+            c.batch_size,
+            c.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        self.noise_gen = torch.Generator().manual_seed(c.seed + 1000 * self.accelerator.process_index)
+        self.caption_rng = random.Random(c.seed + 7 * self.accelerator.process_index)
+        if self.resume_from is not None:
+            from zimage.training.resume import restore
+
+            restore(self, self.resume_from)
+            self.report.log(f"Resumed from {self.resume_from.path.name}: continuing after step {self.step}")
+
+    def _reseed(self) -> None:
+        """Noise, timesteps and caption dropout of this step depend only on (seed, rank, step): resumable."""
+        from zimage.training.resume import step_seed
+
+        c, rank = self.config, self.accelerator.process_index
+        self.noise_gen.manual_seed(step_seed(c.seed, rank, self.step, "noise"))
+        self.caption_rng.seed(step_seed(c.seed, rank, self.step, "caption"))
+
+    def _scan(self) -> TrainingSet:
+        c, r = self.config, self.resolved
+        self.cache = FeatureCache(self.settings.cache_dir)
+        ts = scan_dataset(r.dataset_dir, c.resolution, c.trigger_word, c.min_image_side or 0, self.cache)
+        for s in ts.skipped:
+            self.report.log(f"Skipped {s.name}: {s.reason}")
+        missing = [it.name for it in ts.items if it.caption_missing]
+        if missing:
+            self.report.log(
+                f"No caption file for {len(missing)} image(s), trained on the trigger word: {', '.join(missing)}"
+            )
+        if not ts.items:
+            raise UserError(f"dataset {r.dataset_dir}: no usable image ({len(ts.skipped)} skipped, see log.txt)")
+        buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ts.bucket_counts().items()))
+        self.report.log(
+            f"Dataset {r.dataset_dir.name}: {len(ts.items)} images, {len(ts.skipped)} skipped; buckets {buckets}"
+        )
+        return ts
+
+    def _features(self, ts: TrainingSet) -> Features:
+        c = self.config
+        captions = [it.caption for it in ts.items] + ([""] if c.caption_dropout > 0 else [])
+        # bf16 embeddings halve the text encoder's memory on a GPU; the CPU keeps fp32.
+        text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.report.status(phase="caching latents and text")
+        features = prepare_features(
+            ts, captions, self.resolved.model_dir, self.cache, self.device, text_dtype, self.cache_stats,
+            log=self.report.log, beat=self.report.beat,
+        )  # fmt: skip
+        return features
+
+    def _transformer_with_lora(self):
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+
+        c, r = self.config, self.resolved
+        transformer = zimage_math.load_transformer(r.model_dir, dtype=self.weight_dtype)
+        transformer.requires_grad_(False)
+        if r.adapter_path is not None:
+            from zimage.training.adapter import merge_adapter
+
+            merge_adapter(transformer, r.adapter_path)
+            self.report.log(f"Merged the training adapter {r.adapter_path.name} at +1.0")
+        self.lora_config = LoraConfig(
+            r=c.lora_rank,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=c.lora_dropout,
+            init_lora_weights=True,
+            target_modules=target_regex(c.lora_target_blocks, c.lora_target_modules),
+        )
+        transformer.add_adapter(self.lora_config, adapter_name=ADAPTER_NAME)
+        transformer.to(self.device)
+        if c.mixed_precision != "no":
+            cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights stay fp32
+        if c.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        # By adapter name, not requires_grad: other loaded adapters may come back trainable.
+        params = [p for n, p in transformer.named_parameters() if f".{ADAPTER_NAME}." in n and "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        count = sum(p.numel() for p in params)
+        self.report.log(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g}: {count:,} trainable parameters")
+        return transformer, params
+
+    def _scheduler(self, optimizer):
+        from diffusers.optimization import get_scheduler
+
+        c = self.config
+        n = self.accelerator.num_processes  # accelerate steps a prepared scheduler once per process
+        return get_scheduler(
+            c.lr_scheduler,
+            optimizer,
+            num_warmup_steps=c.lr_warmup_steps * n,
+            num_training_steps=c.num_steps * n,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loss(self, batch: list[int]) -> torch.Tensor:
+        c = self.config
+        x0 = torch.stack([self.features.latents[i] for i in batch]).to(self.device, self.weight_dtype)
+        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device, self.weight_dtype)
+        sigmas = sample_sigmas(
+            len(batch), c.timestep_sampling, shift=c.timestep_shift, logit_mean=c.logit_mean,
+            logit_std=c.logit_std, generator=self.noise_gen, device=self.device,
+        )  # fmt: skip
+        captions = [self.training_set.items[i].caption for i in batch]
+        if c.caption_dropout > 0:
+            captions = ["" if self.caption_rng.random() < c.caption_dropout else cap for cap in captions]
+        text = [self.features.text[cap].to(self.device, self.weight_dtype) for cap in captions]
+        x_t = zimage_math.noisy_latents(x0, noise, sigmas)
+        # accelerate.prepare() already runs the transformer's forward under autocast for bf16 / fp16.
+        pred = zimage_math.predict(self.transformer, x_t, sigmas, text)
+        target = zimage_math.flow_target(x0, noise)
+        if c.loss_weighting == "none":  # one fused kernel for the common case
+            return torch.nn.functional.mse_loss(pred.float(), target.float())
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+        return (per_sample * loss_weights(c.loss_weighting, sigmas)).mean()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm)."""
+        c, acc = self.config, self.accelerator
+        self._reseed()
+        total = torch.zeros((), device=self.device)
+        grad_norm = torch.zeros(())
+        for _ in range(c.gradient_accumulation):
+            with acc.accumulate(self.transformer):
+                loss = self._loss(self.sampler.next_batch())
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = self._clip_gradients(c.max_grad_norm or math.inf)
+                    self._optimizer_step()
+                    self.lr_scheduler.step()
+            total += loss.detach()
+        mean = (acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total) / c.gradient_accumulation
+        return float(mean), float(grad_norm)
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip to max_norm and return the norm before clipping (inf: measure only)."""
+        if self._accelerate_clips:
+            return self.accelerator.clip_grad_norm_(self.params, max_norm)  # unscales fp16 / sharded grads first
+        # Plain (and DDP) gradients: torch directly, skipping accelerate's per-call DTensor checks.
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+
+    def _optimizer_step(self) -> None:
+        # accelerate's optimizer wrapper looks up installed packages on every step (about 1 ms, a few percent
+        # of a small step); without a GradScaler (fp16) there is nothing else for it to do, so step directly.
+        if self.accelerator.scaler is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.optimizer.step()
+            self.optimizer.optimizer.zero_grad(set_to_none=True)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self.stop_requested:
+            self.report.log(f"Stopping: {reason}")
+        self.stop_requested = True
+
+    def train(self, on_step=None) -> TrainResult:
+        """Run to num_steps (or a stop request), then save the LoRA. `on_step(record)` sees every step."""
+        c = self.config
+        per_step = c.batch_size * c.gradient_accumulation * self.accelerator.num_processes
+        self.report.status(state="running", phase="training", step=self.step, total_steps=c.num_steps)
+        self.report.log(f"Training {c.num_steps} steps on {self.device} ({c.mixed_precision}), {per_step} images/step")
+        self.events.at_start()
+        started, first_step = time.perf_counter(), self.step
+        loss = self.losses[-1] if self.losses else None
+        while self.step < c.num_steps:
+            if not self.events.before_step():  # stop / pause / save now / sample now
+                break
+            lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step trains with
+            t0 = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            self.step += 1
+            step_time = time.perf_counter() - t0
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"The loss became {loss} at step {self.step}: training diverged. Lower learning_rate "
+                    f"(now {c.learning_rate:g}), keep max_grad_norm on (now {c.max_grad_norm:g}), or use "
+                    "mixed_precision bf16 instead of fp16."
+                )
+            self.losses.append(loss)
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                "step_time": step_time,
+                "samples_per_s": per_step / step_time if step_time > 0 else None,
+                "elapsed": elapsed,
+                "eta": elapsed / (self.step - first_step) * (c.num_steps - self.step),
+            }
+            if self.step % c.log_every_n_steps == 0 or self.step == c.num_steps:
+                record["mem_allocated"], record["mem_peak"] = memory_figures(self.device.type)
+                self.report.add_metrics(record)
+            self.report.progress(step=self.step, loss=loss)
+            if on_step is not None:
+                on_step(record)
+            self.events.after_step()  # checkpoints and samples every N steps
+        state = "stopped" if self.step < c.num_steps else "completed"
+        if state == "stopped":
+            self.report.status(state="stopping", step=self.step)
+        self.events.at_end(state)  # a checkpoint on stop, the final sample on completion
+        output = self.save_lora() if self.step > 0 else None
+        return TrainResult(state=state, steps=self.step, output_path=output, final_loss=loss)
+
+    # -- output --------------------------------------------------------------------------------
+    def lora_modules(self) -> dict[str, lora_io.LoraModule]:
+        from peft.utils import get_peft_model_state_dict
+
+        model = self.accelerator.unwrap_model(self.transformer)
+        state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        return lora_io.modules_from_peft(state, self.config.lora_alpha)
+
+    def metadata(self) -> dict[str, str]:
+        r = self.resolved
+        return lora_io.training_metadata(
+            self.config,
+            steps=self.step,
+            dataset_name=r.dataset_info.name or r.dataset_dir.name,
+            dataset_hash=self.training_set.content_hash,
+            num_images=len(self.training_set.items),
+            adapter_name=r.adapter_path.name if r.adapter_path else "",
+        )
+
+    def save_lora(self) -> Path | None:
+        """Write the LoRA file (main process only). A file that appeared since validation is never replaced."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        c = self.config
+        path = self.resolved.output_path
+        modules, meta, dtype = self.lora_modules(), self.metadata(), lora_io.DTYPES[c.save_dtype]
+        try:
+            lora_io.save_lora(path, modules, meta, dtype=dtype, overwrite=c.overwrite)
+        except FileExistsError:
+            n = 2
+            while path.with_name(f"{path.stem}-{n}{path.suffix}").exists():
+                n += 1
+            other = path.with_name(f"{path.stem}-{n}{path.suffix}")
+            self.report.log(f"{path.name} appeared while training; saving as {other.name} instead")
+            path = lora_io.save_lora(other, modules, meta, dtype=dtype, overwrite=False)
+        self.output_path = path
+        self.report.log(f"Saved LoRA ({len(modules)} modules, step {self.step}) to {path}")
+        return path
+
+    def save_checkpoint(self, reason: str = "requested") -> None:
+        """A resumable checkpoint now (weights + optimizer, scheduler, RNG, data position); see resume.py."""
+        self.events.checkpoint(reason)
+
+    def cleanup(self) -> None:
+        from diffusers.training_utils import free_memory
+
+        self.events.free()
+        if getattr(self, "accelerator", None) is not None:
+            self.accelerator.free_memory()
+        self.transformer = self.optimizer = self.lr_scheduler = None
+        free_memory()

@@ -1,0 +1,100 @@
+"""Everything specific to Z-Image, in one place (DESIGN.md section 4); the training loop knows none of it.
+
+- Text: the prompt goes through the tokenizer's chat template (one user message, generation prompt,
+  enable_thinking=True), is padded to 512 tokens, and the embedding is hidden_states[-2] with the
+  padding removed: a list of (tokens, hidden) tensors, one per prompt.
+- Latents: (vae.encode(x).mode() - shift_factor) * scaling_factor; 16 channels at 1/8 size.
+- Objective: x_t = (1 - sigma) * x0 + sigma * noise; the transformer takes a list of (C, 1, H, W)
+  latents and timestep t = 1 - sigma, and predicts x0 - noise (the sampler negates it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+MAX_TEXT_TOKENS = 512  # what the pipeline pads and truncates prompts to
+LATENT_CHANNELS = 16
+SIDE_MULTIPLE = 16  # VAE scale factor 8 x transformer patch size 2
+
+
+def load_vae(model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32):
+    """(tokenizer, text encoder) of the pipeline folder, frozen, on `device`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(model_dir) / "tokenizer")
+    encoder = AutoModel.from_pretrained(Path(model_dir) / "text_encoder", dtype=dtype)
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def load_transformer(model_dir: Path, dtype: torch.dtype = torch.float32):
+    from diffusers import ZImageTransformer2DModel
+
+    return ZImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer", torch_dtype=dtype)
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_TEXT_TOKENS
+) -> list[torch.Tensor]:
+    """One (tokens, hidden) embedding per prompt, exactly as ZImagePipeline.encode_prompt makes it."""
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+        for p in prompts
+    ]
+    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids = inputs.input_ids.to(device)
+    mask = inputs.attention_mask.to(device).bool()
+    hidden = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    return [hidden[i][mask[i]] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, 16, H/8, W/8) latents in the transformer's scale."""
+    param = next(vae.parameters())
+    latents = vae.encode(pixels.to(param.device, param.dtype)).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_images: latents -> pixels in [-1, 1]."""
+    param = next(vae.parameters())
+    latents = latents.to(param.device, param.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Flow matching: a straight line from the clean latent (sigma 0) to pure noise (sigma 1)."""
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return torch.lerp(x0, noise, s)  # (1 - s) * x0 + s * noise in one kernel
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the Z-Image transformer predicts (the negated flow velocity noise - x0)."""
+    return x0 - noise
+
+
+def predict(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
+    """Run the transformer on a (B, C, H, W) batch; returns (B, C, H, W) in the input's layout."""
+    latents = list(x_t.unsqueeze(2).unbind(0))  # a list of (C, 1, H, W): the frame axis the model expects
+    timesteps = (1.0 - sigmas).to(x_t.dtype)  # the model's t runs from 0 (noise) to 1 (clean)
+    out = transformer(latents, timesteps, text, return_dict=False)[0]
+    return torch.stack(out, dim=0).squeeze(2)
+
+
+def guidance_scale(cfg: float) -> float:
+    """The pipeline's guidance_scale for a CFG value in the usual sense (it computes pos + g * (pos - neg))."""
+    return max(0.0, float(cfg) - 1.0)
