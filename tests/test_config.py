@@ -131,13 +131,11 @@ def test_every_lora_preset_validates(home, name):
             assert getattr(resolved.config, key) == value, key
 
 
-def test_full_finetune_preset_loads_but_is_refused_naming_training_type(home):
+def test_full_finetune_preset_validates_on_a_de_turbo_model(home):
     config = build_config({"model_path": "tiny-zimage", "dataset_path": "demo-shapes"}, preset="full_finetune")
     assert config.training_type == "finetune" and config.learning_rate == 1e-5
-    with pytest.raises(ConfigError) as info:
-        validate_config(config, home, CPU)
-    assert [p.field for p in info.value.problems] == ["training_type"]
-    assert "not available in this version" in str(info.value)
+    resolved = validate_config(config, home, CPU)  # tiny-zimage is De-Turbo-typed; Turbo: tests/test_finetune.py
+    assert resolved.output_path == home.finetuned_dir / "full_finetune"
 
 
 def test_unknown_preset_lists_the_shipped_ones():
@@ -219,7 +217,7 @@ RULES = [
     ({"sample_cfg": 0.5}, "sample_cfg", ">= 1.0"),
     ({"model_type": "turbo-ish"}, "model_type", "turbo, de_turbo"),
     ({"training_type": "dreambooth"}, "training_type", "lora, finetune"),
-    ({"train_text_encoder": True}, "train_text_encoder", "not supported"),
+    ({"train_text_encoder": True, "training_type": "finetune"}, "train_text_encoder", "not supported"),
     ({"quantize": True}, "quantize", "needs a CUDA GPU"),
     ({"quantize_te": True}, "quantize_te", "needs a CUDA GPU"),
     ({"lora_target_modules": ["attention.qkv"]}, "lora_target_modules", "attention.to_q"),

@@ -50,8 +50,14 @@ def run(args) -> int:
     from zimage.errors import UserError
     from zimage.runfolder import RunFolder
     from zimage.settings import get_settings
+    from zimage.training.distributed import is_main_rank, world_size
 
     settings = get_settings()
+    main = is_main_rank()  # under torchrun / accelerate launch only rank 0 writes the run folder
+    if world_size() > 1 and not (args.run_dir or args.resume):
+        raise UserError(
+            "under torchrun / accelerate launch give --run-dir DIR, so that every process uses the same run folder"
+        )
     if args.resume:
         if args.config or args.run_dir or args.preset or args.overrides:
             raise UserError(
@@ -63,7 +69,7 @@ def run(args) -> int:
         return resume(run_dir, settings)  # the job queue's resume of a stopped / lost run
     if args.config:
         raw = read_config_file(args.config)
-        if run_dir is not None and RunFolder(run_dir).config_path.exists():
+        if main and run_dir is not None and RunFolder(run_dir).config_path.exists():
             raise UserError(f"{run_dir} already holds a config.json; give either CONFIG or --run-dir, not both")
     elif run_dir is not None:
         folder = RunFolder(run_dir)
@@ -81,7 +87,7 @@ def run(args) -> int:
         config = build_config(raw, preset=args.preset, overrides=overrides)
         resolved = validate_config(config, settings)
     except ConfigError as exc:
-        if queued_folder:  # the queue must see why its job never started
+        if queued_folder and main:  # the queue must see why its job never started
             RunFolder(run_dir).update_status(state="failed", error=str(exc), ended=time.time())
         raise
 
@@ -90,13 +96,14 @@ def run(args) -> int:
         run_dir = new_run_dir(settings.runs_dir, resolved.config.output_name)
     folder = RunFolder(run_dir)
     try:
-        if not folder.config_path.exists():
+        if main and not folder.config_path.exists():
             folder.write_config(resolved.config.to_dict())
     except OSError:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    print(f"run folder: {run_dir}", flush=True)
+    if main:
+        print(f"run folder: {run_dir}", flush=True)
     return _train_with_progress(resolved, settings, run_dir)
 
 
@@ -106,6 +113,7 @@ def resume(run_dir: Path, settings) -> int:
     from zimage.errors import UserError
     from zimage.runfolder import ACTIVE_STATES, RunFolder
     from zimage.training.checkpoints import newest_checkpoint
+    from zimage.training.distributed import is_main_rank
 
     folder = RunFolder(run_dir)
     if not folder.config_path.exists():
@@ -114,7 +122,7 @@ def resume(run_dir: Path, settings) -> int:
     state = status.get("state")
     if state == "completed":
         raise UserError(f"--resume {run_dir}: the run already completed; start a new run to train further")
-    if state in ACTIVE_STATES and status.get("pid") and folder.worker_alive():
+    if is_main_rank() and state in ACTIVE_STATES and status.get("pid") and folder.worker_alive():
         raise UserError(f"--resume {run_dir}: the run is {state} in process {status.get('pid')}; stop it first")
     config = build_config(read_config_file(folder.config_path))
     # The LoRA this run saved when it stopped may be replaced by the resumed run; any other file may not.
@@ -125,21 +133,25 @@ def resume(run_dir: Path, settings) -> int:
         if ours and resolved.output_path != Path(earlier) and not config.overwrite:
             resolved = validate_config(config, settings)
     except ConfigError as exc:
-        folder.update_status(state="failed", error=str(exc), ended=time.time())
+        if is_main_rank():
+            folder.update_status(state="failed", error=str(exc), ended=time.time())
         raise
-    folder.clear_stop()  # the stop that ended the earlier process is not a request to this one
     ckpt = newest_checkpoint(folder.checkpoints_dir)
-    where = f"step {ckpt.step} ({ckpt.path.name})" if ckpt else "step 0 (no checkpoint yet)"
-    print(f"run folder: {run_dir}\nresuming from {where}", flush=True)
+    if is_main_rank():
+        folder.clear_stop()  # the stop that ended the earlier process is not a request to this one
+        where = f"step {ckpt.step} ({ckpt.path.name})" if ckpt else "step 0 (no checkpoint yet)"
+        print(f"run folder: {run_dir}\nresuming from {where}", flush=True)
     return _train_with_progress(resolved, settings, run_dir, resume=True)
 
 
 def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False) -> int:
     from tqdm import tqdm
 
+    from zimage.training.distributed import is_main_rank
     from zimage.training.runner import run_training
 
-    bar = tqdm(total=resolved.config.num_steps, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+    quiet = None if is_main_rank() else True  # one progress bar, not one per process
+    bar = tqdm(total=resolved.config.num_steps, unit="step", dynamic_ncols=True, disable=quiet, file=sys.stderr)
     if resume:
         from zimage.runfolder import RunFolder
         from zimage.training.checkpoints import newest_checkpoint
@@ -160,6 +172,8 @@ def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False
         bar.close()
     from zimage.runfolder import RunFolder
 
+    if not is_main_rank():
+        return code
     status = RunFolder(run_dir).read_status()
     if code == 0:
         print(f"{status.get('state')}: {status.get('output_path')}")

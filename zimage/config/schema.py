@@ -86,8 +86,8 @@ class TrainingConfig:
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers.training_utils)
 
     # -- memory
-    quantize: bool = False  # 8-bit transformer via bitsandbytes: CUDA only, arrives with the next trainer release
-    quantize_te: bool = False  # same for the text encoder
+    quantize: bool | str = False  # frozen transformer via bitsandbytes: false, true / "8bit", or "nf4" (4-bit); CUDA
+    quantize_te: bool | str = False  # the same for the text encoder (used while caching text embeddings)
     gradient_checkpointing: bool = True
     mixed_precision: str = "bf16"  # bf16 | fp16 | no
 
@@ -105,7 +105,8 @@ class TrainingConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int | None = None  # None: the model's default (Turbo 8, De-Turbo 25)
     sample_cfg: float | None = None  # CFG in the usual sense, 1.0 = off; None: the model's default
-    sample_seed: int = 42
+    sample_seed: int = 42  # prompt i uses seed sample_seed + i, the same at every step
+    sample_resolution: int | None = None  # square side of samples; None: the training resolution
 
     # -- logging
     log_every_n_steps: int = 1
@@ -154,8 +155,24 @@ def _describe(hint: Any) -> str:
     return text + (" or null" if type(None) in typing.get_args(hint) else "")
 
 
+QUANTIZE_FIELDS = ("quantize", "quantize_te")
+_QUANTIZE_WORDS = {"none": False, "false": False, "no": False, "off": False, "8bit": True, "int8": True,
+                   "true": True, "nf4": "nf4", "4bit": "nf4"}  # fmt: skip
+
+
+def _coerce_quantize(value: Any) -> tuple[Any, str | None]:
+    """false / true (8-bit) / "8bit" / "nf4": stored as False, True (8-bit) or "nf4"."""
+    if isinstance(value, bool):
+        return value, None
+    if isinstance(value, str) and value.strip().lower() in _QUANTIZE_WORDS:
+        return _QUANTIZE_WORDS[value.strip().lower()], None
+    return value, 'must be false, true or "8bit" (8-bit), or "nf4" (4-bit NF4)'
+
+
 def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
     """Return (value, None) converted to the field's type, or (value, reason) when it does not fit."""
+    if name in QUANTIZE_FIELDS:
+        return _coerce_quantize(value)
     hint = _HINTS[name]
     optional = type(None) in typing.get_args(hint)
     if value is None:

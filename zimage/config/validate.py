@@ -62,9 +62,10 @@ class ResolvedConfig:
     model_entry: catalogue.ModelEntry
     dataset_dir: Path
     dataset_info: DatasetInfo
-    output_path: Path  # <output_dir>/<output_name>.safetensors
+    output_path: Path  # <output_dir>/<output_name>.safetensors (a folder <output_dir>/<output_name> for finetune)
     adapter_path: Path | None  # the training adapter merged at +1 before training (Turbo)
     machine: MachineInfo
+    warnings: tuple[str, ...] = ()  # valid, but worth knowing before starting (shown and logged)
 
 
 def resolve_dataset(dataset_path: str, settings: Settings) -> Path | None:
@@ -82,7 +83,7 @@ def resolve_dataset(dataset_path: str, settings: Settings) -> Path | None:
 
 def output_dir_for(config: TrainingConfig, settings: Settings) -> Path:
     if not config.output_dir:
-        return settings.loras_dir
+        return settings.finetuned_dir if config.training_type == "finetune" else settings.loras_dir
     folder = Path(config.output_dir).expanduser()
     return folder if folder.is_absolute() else settings.home / folder
 
@@ -153,8 +154,16 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         )
     ):
         bad("lora_target_modules", c.lora_target_modules, "context_refiner blocks have no adaLN_modulation; add others")
-    if c.train_text_encoder:
-        bad("train_text_encoder", True, "not supported: text embeddings are cached and the text encoder stays frozen")
+    warnings: list[str] = []
+    if c.train_text_encoder and c.training_type == "finetune":
+        bad("train_text_encoder", True, "not supported for a full fine-tune (it trains the transformer only)")
+    elif c.train_text_encoder and c.quantize_te:
+        bad("train_text_encoder", True, "not supported together with quantize_te; set quantize_te to false")
+    elif c.train_text_encoder:
+        warnings.append(
+            "train_text_encoder: text embeddings cannot be cached while the text encoder trains, so every step "
+            "runs the text encoder (slower, and it stays in memory)"
+        )
     if not c.learning_rate > 0:
         bad("learning_rate", c.learning_rate, "must be > 0")
     for name in ("num_steps", "batch_size", "gradient_accumulation", "log_every_n_steps"):
@@ -184,6 +193,10 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         bad("save_dtype", c.save_dtype, f"must be one of {', '.join(SAVE_DTYPES)}")
     if c.sample_steps is not None and c.sample_steps < 1:
         bad("sample_steps", c.sample_steps, "must be an integer >= 1 (or null: the model's default)")
+    if c.sample_resolution is not None and (
+        c.sample_resolution % 16 or not 64 <= c.sample_resolution <= MAX_RESOLUTION
+    ):
+        bad("sample_resolution", c.sample_resolution, f"must be a multiple of 16 from 64 to {MAX_RESOLUTION} (or null)")
     if c.sample_cfg is not None and c.sample_cfg < 1.0:
         bad("sample_cfg", c.sample_cfg, "must be >= 1.0 (1.0 = no CFG; or null: the model's default)")
     try:
@@ -199,9 +212,11 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
     elif c.mixed_precision == "bf16" and not machine.bf16:
         bad("mixed_precision", "bf16", "this GPU has no bf16 support; use fp16 or no")
     for name in ("quantize", "quantize_te"):
-        if getattr(c, name):
-            why = "8-bit loading through bitsandbytes needs a CUDA GPU" if not machine.cuda else "not available yet"
-            bad(name, True, f"{why}; set it to false")
+        if getattr(c, name) and not machine.cuda:
+            bad(name, getattr(c, name), "bitsandbytes quantized loading needs a CUDA GPU (without one it fails with "
+                "'No GPU found'); set it to false on this machine")  # fmt: skip
+    if c.quantize and c.training_type == "finetune":
+        bad("quantize", c.quantize, "a full fine-tune trains every transformer weight, which cannot be quantized")
     from zimage.training.optim import OPTIMIZERS
 
     if c.optimizer not in OPTIMIZERS:
@@ -220,10 +235,11 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
     model_type = c.model_type or (entry.model_type if entry else None)
     use_adapter = c.use_training_adapter if c.use_training_adapter is not None else model_type == "turbo"
     adapter_path = None
-    if c.training_type == "finetune":
-        if model_type != "de_turbo":
-            bad("training_type", "finetune", "a full fine-tune needs a De-Turbo model (model_type de_turbo)")
-        bad("training_type", "finetune", "full fine-tune is not available in this version yet; use lora")
+    if c.training_type == "finetune" and model_type != "de_turbo":
+        bad(
+            "training_type", "finetune", "a full fine-tune needs a De-Turbo model (model_type de_turbo): Turbo is "
+            "step-distilled, and training all of its weights undoes the distillation; use z-image-de-turbo",
+        )  # fmt: skip
     if use_adapter and model_type == "de_turbo":
         bad("use_training_adapter", True, "the training adapter is for Turbo models; De-Turbo trains without it")
     elif use_adapter and model_type == "turbo":
@@ -263,7 +279,8 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
             bad("dataset_path", c.dataset_path, f"none of its {count} images is usable (last: {reason})")
 
     # -- the output file
-    output_path = output_dir_for(c, settings) / f"{c.output_name}.safetensors"
+    suffix = "" if c.training_type == "finetune" else ".safetensors"  # a fine-tune is a folder
+    output_path = output_dir_for(c, settings) / f"{c.output_name}{suffix}"
     if output_path.exists() and not c.overwrite:
         bad("output_name", c.output_name, f"{output_path} already exists; choose another name or set overwrite: true")
     if output_path.parent.exists() and not output_path.parent.is_dir():
@@ -294,6 +311,7 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         output_path=output_path,
         adapter_path=adapter_path,
         machine=machine,
+        warnings=tuple(warnings),
     )
 
 

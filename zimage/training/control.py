@@ -100,10 +100,29 @@ class TrainingEvents:
 
     def at_end(self, state: str) -> None:
         t, c = self.t, self.t.config
+        self.check_replicas()
         if t.step > 0 and (state == "stopped" or (c.save_every_n_steps and state == "completed")):
             self.checkpoint("stop" if state == "stopped" else "end")
         if state == "completed" and c.sample_every_n_steps:
             self.sample("end")
+
+    def check_replicas(self) -> bool:
+        """Data parallel: are the trained weights bit-identical on every process? Logged by rank 0."""
+        t = self.t
+        acc = t.accelerator
+        if acc.num_processes == 1:
+            return True
+        flat = torch.cat([p.detach().reshape(-1) for p in t.params]).double()
+        position = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device)
+        signature = torch.stack([flat.sum(), flat.abs().sum(), (flat * position).sum()]).to(t.device)
+        signatures = acc.gather(signature.unsqueeze(0)).cpu()
+        same = bool((signatures == signatures[0]).all())
+        if same:
+            t.report.log(f"Data-parallel check: the trained weights are identical on all {acc.num_processes} processes")
+        else:
+            spread = (signatures - signatures[0]).abs().max().item()
+            t.report.log(f"Warning: the trained weights differ between processes (signature spread {spread:.3g})")
+        return same
 
     # -- the two duties ------------------------------------------------------------------------------
     def checkpoint(self, reason: str) -> None:

@@ -48,6 +48,7 @@ def prepare_features(
     stats: CacheStats,
     log: Callable[[str], None] = lambda _m: None,
     beat: Callable[[], None] = lambda: None,
+    quantize_te: bool | str = False,
 ) -> Features:
     """Load or encode the latents of `training_set` and the embeddings of `captions`."""
     model_dir = Path(model_dir)
@@ -91,7 +92,8 @@ def prepare_features(
 
     # -- text embeddings
     unique = list(dict.fromkeys(captions))
-    tkeys = {c: text_key(te_fp, c, zimage_math.MAX_TEXT_TOKENS, _dtype_name(text_dtype)) for c in unique}
+    te_kind = _dtype_name(text_dtype) + (f"-bnb-{quantize_te}" if quantize_te else "")  # quantized: other values
+    tkeys = {c: text_key(te_fp, c, zimage_math.MAX_TEXT_TOKENS, te_kind) for c in unique}
     text: dict[str, torch.Tensor] = {}
     for caption, key in tkeys.items():
         hit = cache.load("text", key)
@@ -101,7 +103,7 @@ def prepare_features(
     todo = [c for c in unique if c not in text]
     if todo:
         log(f"Encoding {len(todo)} caption(s) ({len(text)} cached)")
-        tokenizer, encoder = zimage_math.load_text_encoder(model_dir, device, text_dtype)
+        tokenizer, encoder = zimage_math.load_text_encoder(model_dir, device, text_dtype, quantize=quantize_te)
         stats.text_encoder_loaded = True
         for start in range(0, len(todo), ENCODE_BATCH):
             chunk = todo[start : start + ENCODE_BATCH]

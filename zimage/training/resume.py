@@ -18,6 +18,7 @@ from zimage.training import checkpoints, lora_io
 from zimage.training.checkpoints import Checkpoint, CheckpointError
 
 STATE_FORMAT = 1
+TEXT_ENCODER_FILE = "text_encoder_lora.safetensors"  # in a checkpoint of a train_text_encoder run
 
 
 def step_seed(seed: int, rank: int, step: int, stream: str) -> int:
@@ -33,6 +34,9 @@ def _write_weights(trainer, folder: Path) -> None:
         return
     # fp32 whatever save_dtype says: the resumed run must start from exactly these weights.
     lora_io.save_lora(folder / checkpoints.LORA_FILE, trainer.lora_modules(), trainer.metadata(), dtype=torch.float32)
+    if trainer.text_lora is not None:
+        encoder = trainer.accelerator.unwrap_model(trainer.text_encoder)
+        trainer.text_lora.save(encoder, folder / TEXT_ENCODER_FILE, {}, torch.float32, overwrite=False)
 
 
 def save_checkpoint(trainer, checkpoints_dir: Path, reason: str = "") -> Checkpoint:
@@ -57,7 +61,7 @@ def save_checkpoint(trainer, checkpoints_dir: Path, reason: str = "") -> Checkpo
 
 
 def _load_lora(trainer, ckpt: Checkpoint) -> None:
-    from zimage.training.trainer import ADAPTER_NAME
+    from zimage.training.model_setup import ADAPTER_NAME
 
     model = trainer.accelerator.unwrap_model(trainer.transformer)
     params = dict(model.named_parameters())
@@ -103,6 +107,10 @@ def restore(trainer, ckpt: Checkpoint) -> int:
         _load_transformer(trainer, ckpt)
     else:
         _load_lora(trainer, ckpt)
+    if trainer.text_lora is not None:
+        if not (ckpt.path / TEXT_ENCODER_FILE).is_file():
+            raise CheckpointError(f"{ckpt.path}: has no text encoder LoRA, but this run trains the text encoder")
+        trainer.text_lora.load(trainer.accelerator.unwrap_model(trainer.text_encoder), ckpt.path / TEXT_ENCODER_FILE)
     trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     trainer.sampler.load_state_dict(state["sampler"])

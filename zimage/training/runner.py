@@ -10,6 +10,7 @@ this, but only rank 0 writes the run folder (status, log, metrics, samples, chec
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -63,7 +64,7 @@ def run_training(
 ) -> int:
     """Train in `run_dir` (config.json already written). Returns the process exit code."""
     from zimage.training.checkpoints import newest_checkpoint
-    from zimage.training.distributed import is_main_rank
+    from zimage.training.distributed import is_main_rank, process_rank
     from zimage.training.trainer import LoraTrainer
 
     main = is_main_rank()
@@ -75,7 +76,7 @@ def run_training(
     if main:
         run.mark_worker_started("train", total_steps=resolved.config.num_steps)
         start = checkpoint.step if checkpoint else 0
-        reporter.status(resume=False, resumed_from_step=start if resume else None, step=start)
+        reporter.status(resumed_from_step=start if resume else None, step=start)
         if resume and checkpoint is None:
             reporter.log("Resume asked, but the run folder holds no complete checkpoint: starting at step 0")
     reporter.progress(step=checkpoint.step if checkpoint else 0, phase="starting")
@@ -101,6 +102,8 @@ def run_training(
             message = out_of_memory_message(resolved.config, message)
         tail = traceback.format_exc()[-TRACEBACK_TAIL:]
         reporter.log(f"Failed: {message}")
+        if not main:  # this rank has no run folder to write: its own failure goes to its stderr
+            print(f"[rank {process_rank()}] failed: {message}\n{tail}", file=sys.stderr, flush=True)
         step = trainer.step or (checkpoint.step if checkpoint else 0)
         reporter.status(state="failed", step=step, ended=time.time(), error=message, traceback=tail)
         return 1
@@ -120,7 +123,7 @@ def out_of_memory_message(config, detail: str = "") -> str:
     from zimage.training.memory import memory_savings
 
     try:
-        savings = memory_savings(config)
+        savings = [(advice, gib) for advice, gib in memory_savings(config) if gib >= 0.05]
     except Exception:  # the advice must never hide the real error
         savings = []
     first = (detail.splitlines() or [""])[0][:300]

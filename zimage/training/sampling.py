@@ -50,7 +50,7 @@ class TrainingSampler:
         self.prompts = sample_prompts(c, fallback)
         self.steps = int(c.sample_steps or 8)
         self.cfg = float(c.sample_cfg or 1.0)
-        self.width = self.height = int(c.resolution)
+        self.width = self.height = int(c.sample_resolution or c.resolution)
         self.seed = int(c.sample_seed)
         self._embeddings: dict[str, torch.Tensor] | None = None
         self._vae = None
@@ -59,6 +59,17 @@ class TrainingSampler:
 
     # -- inputs, loaded on first use -------------------------------------------------------------------
     def _prompt_embeddings(self) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        if t.text_lora is not None:  # the text encoder trains too: embed with its current weights
+            encoder = t.accelerator.unwrap_model(t.text_encoder)
+            was_training = encoder.training
+            encoder.eval()
+            try:
+                with torch.no_grad(), t.accelerator.autocast():
+                    embeddings = t.text_lora.encode([*self.prompts, ""], encoder)
+            finally:
+                encoder.train(was_training)
+            return dict(zip([*self.prompts, ""], embeddings, strict=True))
         if self._embeddings is None:
             from zimage.data.training_set import TrainingSet
             from zimage.training.features import prepare_features
@@ -68,7 +79,7 @@ class TrainingSampler:
             empty = TrainingSet(info=t.training_set.info, items=[])
             features = prepare_features(
                 empty, [*self.prompts, ""], t.resolved.model_dir, t.cache, t.device, text_dtype, t.cache_stats,
-                log=lambda _m: None, beat=t.report.beat,
+                log=lambda _m: None, beat=t.report.beat, quantize_te=t.config.quantize_te,
             )  # fmt: skip
             self._embeddings = features.text
         return self._embeddings

@@ -20,12 +20,13 @@ from zimage.data.training_set import BucketBatchSampler, TrainingSet, scan_datas
 from zimage.errors import UserError
 from zimage.settings import Settings
 from zimage.training import lora_io, zimage_math
+from zimage.training.distributed import make_accelerator
 from zimage.training.features import Features, prepare_features
+from zimage.training.model_setup import ADAPTER_NAME, target_regex  # noqa: F401 - part of this module's API
 from zimage.training.optim import build_optimizer
 from zimage.training.reporting import Reporter, memory_figures
 from zimage.training.timesteps import loss_weights, sample_sigmas
 
-ADAPTER_NAME = "default"  # the user's LoRA inside the peft-wrapped transformer
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
@@ -39,32 +40,6 @@ class TrainResult:
     steps: int
     output_path: Path | None
     final_loss: float | None
-
-
-def target_regex(blocks: list[str], modules: list[str]) -> str:
-    """A peft target_modules regex (full match) for `modules` inside the `blocks` groups."""
-    inner = "|".join(m.replace(".", r"\.") for m in modules)
-    return rf"^({'|'.join(blocks)})\.\d+\.({inner})$"
-
-
-def _accelerator(mixed_precision: str, accumulation: int):
-    """An Accelerator for this run. accelerate keeps one state per process; a finished run in the same
-    process (tests, a notebook) may have left another precision there, which is dropped first."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    def make():
-        return Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation
-        )
-
-    try:
-        return make()
-    except ValueError as exc:
-        if "already been initialized" not in str(exc):
-            raise
-        AcceleratorState._reset_state()  # keeps the process-level (distributed) state
-        return make()
 
 
 class LoraTrainer:
@@ -87,7 +62,8 @@ class LoraTrainer:
     stop / pause / save-now / sample-now requests, samples at step 0, every N steps and at the end
     (sampling.py; the training adapter reversed at -1 while sampling), atomic checkpoints every N steps
     with the last K kept and exact resume from the newest one (checkpoints.py, resume.py).
-    Not yet: full fine-tune, quantized loading.
+    Full fine-tune of every transformer weight (De-Turbo; finetune.py writes a diffusers folder), and
+    bitsandbytes 8-bit / NF4 loading of the frozen transformer and text encoder on CUDA (model_setup.py).
     """
 
     def __init__(
@@ -108,6 +84,7 @@ class LoraTrainer:
         self.stop_requested = False
         self.losses: list[float] = []
         self.transformer = None
+        self.text_lora = self.text_encoder = None  # train_text_encoder: TextEncoderLora, its prepared model
         self.output_path: Path | None = None
         self.run_dir = Path(run_dir) if run_dir else (self.report.run.path if self.report.run is not None else None)
         self.resume_from = resume_from
@@ -120,7 +97,7 @@ class LoraTrainer:
         from accelerate.utils import set_seed
 
         c = self.config
-        self.accelerator = _accelerator(c.mixed_precision, c.gradient_accumulation)
+        self.accelerator = make_accelerator(c.mixed_precision, c.gradient_accumulation)
         self.device = self.accelerator.device
         self.weight_dtype = WEIGHT_DTYPES[c.mixed_precision]
         set_seed(c.seed)
@@ -131,11 +108,20 @@ class LoraTrainer:
             self.features = self._features(self.training_set)
         self.report.progress(phase="loading transformer")
         self.transformer, self.params = self._transformer_with_lora()
+        if c.train_text_encoder:
+            from zimage.training.text_lora import TextEncoderLora
+
+            self.text_lora = TextEncoderLora(self)
+            self.params = self.params + self.text_lora.params
+            count = sum(p.numel() for p in self.text_lora.params)
+            self.report.log(f"Text encoder LoRA: {count:,} trainable parameters (embeddings computed every step)")
         self.optimizer = build_optimizer(c.optimizer, self.params, c.learning_rate, c.weight_decay)
         self.lr_scheduler = self._scheduler(self.optimizer)
         self.transformer, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.transformer, self.optimizer, self.lr_scheduler
         )
+        if self.text_lora is not None:
+            self.text_encoder = self.accelerator.prepare_model(self.text_lora.encoder)
         from accelerate.utils import DistributedType
 
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -186,48 +172,22 @@ class LoraTrainer:
     def _features(self, ts: TrainingSet) -> Features:
         c = self.config
         captions = [it.caption for it in ts.items] + ([""] if c.caption_dropout > 0 else [])
+        if c.train_text_encoder:  # the encoder changes every step: its embeddings cannot be cached
+            captions = []
         # bf16 embeddings halve the text encoder's memory on a GPU; the CPU keeps fp32.
         text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.report.status(phase="caching latents and text")
         features = prepare_features(
             ts, captions, self.resolved.model_dir, self.cache, self.device, text_dtype, self.cache_stats,
-            log=self.report.log, beat=self.report.beat,
+            log=self.report.log, beat=self.report.beat, quantize_te=c.quantize_te,
         )  # fmt: skip
         return features
 
     def _transformer_with_lora(self):
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
+        """The transformer with the user's LoRA (or, for a full fine-tune, all weights) trainable."""
+        from zimage.training.model_setup import trainable_transformer
 
-        c, r = self.config, self.resolved
-        transformer = zimage_math.load_transformer(r.model_dir, dtype=self.weight_dtype)
-        transformer.requires_grad_(False)
-        if r.adapter_path is not None:
-            from zimage.training.adapter import merge_adapter
-
-            merge_adapter(transformer, r.adapter_path)
-            self.report.log(f"Merged the training adapter {r.adapter_path.name} at +1.0")
-        self.lora_config = LoraConfig(
-            r=c.lora_rank,
-            lora_alpha=c.lora_alpha,
-            lora_dropout=c.lora_dropout,
-            init_lora_weights=True,
-            target_modules=target_regex(c.lora_target_blocks, c.lora_target_modules),
-        )
-        transformer.add_adapter(self.lora_config, adapter_name=ADAPTER_NAME)
-        transformer.to(self.device)
-        if c.mixed_precision != "no":
-            cast_training_params(transformer, dtype=torch.float32)  # trainable LoRA weights stay fp32
-        if c.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        transformer.train()
-        # By adapter name, not requires_grad: other loaded adapters may come back trainable.
-        params = [p for n, p in transformer.named_parameters() if f".{ADAPTER_NAME}." in n and "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
-        count = sum(p.numel() for p in params)
-        self.report.log(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g}: {count:,} trainable parameters")
-        return transformer, params
+        return trainable_transformer(self)
 
     def _scheduler(self, optimizer):
         from diffusers.optimization import get_scheduler
@@ -253,7 +213,10 @@ class LoraTrainer:
         captions = [self.training_set.items[i].caption for i in batch]
         if c.caption_dropout > 0:
             captions = ["" if self.caption_rng.random() < c.caption_dropout else cap for cap in captions]
-        text = [self.features.text[cap].to(self.device, self.weight_dtype) for cap in captions]
+        if self.text_lora is not None:
+            text = [t.to(self.weight_dtype) for t in self.text_lora.encode(captions, self.text_encoder)]
+        else:
+            text = [self.features.text[cap].to(self.device, self.weight_dtype) for cap in captions]
         x_t = zimage_math.noisy_latents(x0, noise, sigmas)
         # accelerate.prepare() already runs the transformer's forward under autocast for bf16 / fp16.
         pred = zimage_math.predict(self.transformer, x_t, sigmas, text)
@@ -270,7 +233,7 @@ class LoraTrainer:
         total = torch.zeros((), device=self.device)
         grad_norm = torch.zeros(())
         for _ in range(c.gradient_accumulation):
-            with acc.accumulate(self.transformer):
+            with acc.accumulate(*[m for m in (self.transformer, self.text_encoder) if m is not None]):
                 loss = self._loss(self.sampler.next_batch())
                 acc.backward(loss)
                 if acc.sync_gradients:
@@ -309,6 +272,8 @@ class LoraTrainer:
         per_step = c.batch_size * c.gradient_accumulation * self.accelerator.num_processes
         self.report.status(state="running", phase="training", step=self.step, total_steps=c.num_steps)
         self.report.log(f"Training {c.num_steps} steps on {self.device} ({c.mixed_precision}), {per_step} images/step")
+        for warning in self.resolved.warnings:
+            self.report.log(f"Note: {warning}")
         self.events.at_start()
         started, first_step = time.perf_counter(), self.step
         loss = self.losses[-1] if self.losses else None
@@ -349,7 +314,7 @@ class LoraTrainer:
         if state == "stopped":
             self.report.status(state="stopping", step=self.step)
         self.events.at_end(state)  # a checkpoint on stop, the final sample on completion
-        output = self.save_lora() if self.step > 0 else None
+        output = self.save_output() if self.step > 0 else None
         return TrainResult(state=state, steps=self.step, output_path=output, final_loss=loss)
 
     # -- output --------------------------------------------------------------------------------
@@ -371,6 +336,14 @@ class LoraTrainer:
             adapter_name=r.adapter_path.name if r.adapter_path else "",
         )
 
+    def save_output(self) -> Path | None:
+        """The run's result: the LoRA file, or for a full fine-tune the transformer folder (finetune.py)."""
+        if self.config.training_type == "finetune":
+            from zimage.training.finetune import save_finetuned
+
+            return save_finetuned(self)
+        return self.save_lora()
+
     def save_lora(self) -> Path | None:
         """Write the LoRA file (main process only). A file that appeared since validation is never replaced."""
         self.accelerator.wait_for_everyone()
@@ -389,6 +362,12 @@ class LoraTrainer:
             self.report.log(f"{path.name} appeared while training; saving as {other.name} instead")
             path = lora_io.save_lora(other, modules, meta, dtype=dtype, overwrite=False)
         self.output_path = path
+        if self.text_lora is not None:  # the text encoder part goes beside it (see text_lora.py)
+            from zimage.training.text_lora import text_encoder_lora_path
+
+            te = self.text_lora.save(self.accelerator.unwrap_model(self.text_encoder), text_encoder_lora_path(path),
+                                     meta, dtype, overwrite=True)  # fmt: skip
+            self.report.log(f"Saved the text encoder LoRA to {te}")
         self.report.log(f"Saved LoRA ({len(modules)} modules, step {self.step}) to {path}")
         return path
 

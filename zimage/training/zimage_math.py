@@ -26,26 +26,50 @@ def load_vae(model_dir: Path, device: torch.device | str, dtype: torch.dtype = t
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_text_encoder(model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32):
-    """(tokenizer, text encoder) of the pipeline folder, frozen, on `device`."""
+def bnb_config(mode: bool | str, library: str, compute_dtype: torch.dtype = torch.bfloat16):
+    """The diffusers / transformers BitsAndBytesConfig for quantize = true / "8bit" / "nf4" (None: off)."""
+    if not mode:
+        return None
+    if library == "diffusers":
+        from diffusers import BitsAndBytesConfig
+    else:
+        from transformers import BitsAndBytesConfig
+    if mode == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )  # fmt: skip
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_text_encoder(
+    model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32, quantize: bool | str = False
+):
+    """(tokenizer, text encoder) of the pipeline folder, frozen, on `device` (quantized: CUDA only)."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(Path(model_dir) / "tokenizer")
+    if quantize:
+        encoder = AutoModel.from_pretrained(
+            Path(model_dir) / "text_encoder", dtype=dtype, quantization_config=bnb_config(quantize, "transformers", dtype),
+            device_map={"": torch.device(device)},
+        )  # fmt: skip
+        return tokenizer, encoder.eval().requires_grad_(False)
     encoder = AutoModel.from_pretrained(Path(model_dir) / "text_encoder", dtype=dtype)
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 
-def load_transformer(model_dir: Path, dtype: torch.dtype = torch.float32):
+def load_transformer(model_dir: Path, dtype: torch.dtype = torch.float32, quantize: bool | str = False):
+    """The pipeline folder's transformer; `quantize` (true / "8bit" / "nf4") loads it through bitsandbytes."""
     from diffusers import ZImageTransformer2DModel
 
-    return ZImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer", torch_dtype=dtype)
+    compute = dtype if dtype != torch.float32 else torch.bfloat16
+    extra = {"quantization_config": bnb_config(quantize, "diffusers", compute)} if quantize else {}
+    return ZImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer", torch_dtype=dtype, **extra)
 
 
-@torch.no_grad()
-def encode_prompts(
-    tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_TEXT_TOKENS
-) -> list[torch.Tensor]:
-    """One (tokens, hidden) embedding per prompt, exactly as ZImagePipeline.encode_prompt makes it."""
+def tokenize_prompts(tokenizer, prompts: list[str], max_length: int = MAX_TEXT_TOKENS):
+    """(input ids, boolean attention mask) through the chat template, padded to `max_length`."""
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
@@ -53,11 +77,23 @@ def encode_prompts(
         for p in prompts
     ]
     inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    ids = inputs.input_ids.to(device)
-    mask = inputs.attention_mask.to(device).bool()
+    return inputs.input_ids, inputs.attention_mask.bool()
+
+
+def embed_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """hidden_states[-2] with the padding removed: one (tokens, hidden) tensor per row."""
     hidden = text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-    return [hidden[i][mask[i]] for i in range(len(prompts))]
+    return [hidden[i][mask[i]] for i in range(ids.shape[0])]
+
+
+@torch.no_grad()
+def encode_prompts(
+    tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_TEXT_TOKENS
+) -> list[torch.Tensor]:
+    """One (tokens, hidden) embedding per prompt, exactly as ZImagePipeline.encode_prompt makes it."""
+    ids, mask = tokenize_prompts(tokenizer, prompts, max_length)
+    device = next(text_encoder.parameters()).device
+    return embed_tokens(text_encoder, ids.to(device), mask.to(device))
 
 
 @torch.no_grad()

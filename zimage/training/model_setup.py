@@ -1,0 +1,74 @@
+"""The transformer a run trains: a peft LoRA on the frozen (optionally quantized) base, or every weight.
+
+- LoRA: the base is loaded in the mixed-precision dtype (or quantized by bitsandbytes, 8-bit or NF4,
+  on CUDA), frozen, the Turbo training adapter merged at +1.0 when configured, and the user's LoRA added
+  as peft adapter "default" with fp32 weights. Trainable parameters are chosen by adapter name.
+- Full fine-tune (De-Turbo only, enforced by validation): every transformer weight trains, kept in fp32
+  under bf16 / fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zimage.training import zimage_math
+from zimage.training.adapter import trainable_by_adapter
+
+ADAPTER_NAME = "default"  # the user's LoRA inside the peft-wrapped transformer
+
+
+def target_regex(blocks: list[str], modules: list[str]) -> str:
+    """A peft target_modules regex (full match) for `modules` inside the `blocks` groups."""
+    inner = "|".join(m.replace(".", r"\.") for m in modules)
+    return rf"^({'|'.join(blocks)})\.\d+\.({inner})$"
+
+
+def _finish(trainer, transformer) -> None:
+    from diffusers.training_utils import cast_training_params
+
+    c = trainer.config
+    if c.mixed_precision != "no":
+        cast_training_params(transformer, dtype=torch.float32)  # trainable weights stay fp32
+    if c.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+
+def trainable_transformer(trainer):
+    """(transformer on the trainer's device, its trainable parameters) for the trainer's config."""
+    c, r = trainer.config, trainer.resolved
+    if c.training_type == "finetune":
+        transformer = zimage_math.load_transformer(r.model_dir, dtype=trainer.weight_dtype).to(trainer.device)
+        transformer.requires_grad_(True)
+        _finish(trainer, transformer)
+        params = list(transformer.parameters())
+        trainer.report.log(f"Full fine-tune: {sum(p.numel() for p in params):,} trainable parameters")
+        return transformer, params
+
+    from peft import LoraConfig
+
+    transformer = zimage_math.load_transformer(r.model_dir, dtype=trainer.weight_dtype, quantize=c.quantize)
+    transformer.requires_grad_(False)
+    if c.quantize:
+        trainer.report.log(f"Loaded the transformer quantized ({'NF4' if c.quantize == 'nf4' else '8-bit'})")
+    if r.adapter_path is not None:
+        from zimage.training.adapter import merge_adapter
+
+        merge_adapter(transformer, r.adapter_path)
+        trainer.report.log(f"Merged the training adapter {r.adapter_path.name} at +1.0")
+    trainer.lora_config = LoraConfig(
+        r=c.lora_rank,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        init_lora_weights=True,
+        target_modules=target_regex(c.lora_target_blocks, c.lora_target_modules),
+    )
+    transformer.add_adapter(trainer.lora_config, adapter_name=ADAPTER_NAME)
+    if not c.quantize:  # bitsandbytes already placed a quantized model on the GPU (and refuses .to())
+        transformer.to(trainer.device)
+    _finish(trainer, transformer)
+    # By adapter name, not requires_grad: other loaded adapters may come back trainable.
+    params = trainable_by_adapter(transformer, ADAPTER_NAME)
+    count = sum(p.numel() for p in params)
+    trainer.report.log(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g}: {count:,} trainable parameters")
+    return transformer, params
