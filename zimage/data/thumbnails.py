@@ -46,17 +46,25 @@ def thumbnail(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE) -> Pat
     target = thumbnail_path(folder, image, size)
     if target.exists():
         return target
+    drop_thumbnails(folder, image.name)  # the old version of this image, if any
+    return write_thumbnail(image, target, size)
+
+
+def write_thumbnail(image: Path, target: Path, size: int = THUMB_SIZE, quality: int = 85) -> Path | None:
+    """Decode `image`, shrink it to `size` on its longest side and write a JPEG atomically to `target`.
+
+    None if the image cannot be decoded (the caller shows a placeholder).
+    """
     try:
         rgb = open_rgb(image)
     except ImageProblem:
         return None
     rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    drop_thumbnails(folder, image.name)  # the old version of this image, if any
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".jpg", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            rgb.save(fh, format="JPEG", quality=85)
+            rgb.save(fh, format="JPEG", quality=quality)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +137,7 @@ def file_reader(path: Path):
 
 def thumbnail(settings: Settings, image: Path | str, size: int = THUMB_SIZE) -> Path | None:
     """A cached JPEG thumbnail of a sample image (under cache/thumbs, never inside the worker's run folder)."""
-    from PIL import Image
-
-    from zimage.data.images import ImageProblem, open_rgb
+    from zimage.data.thumbnails import write_thumbnail
 
     image = Path(image)
     try:
@@ -151,21 +148,7 @@ def thumbnail(settings: Settings, image: Path | str, size: int = THUMB_SIZE) -> 
     target = settings.cache_dir / "thumbs" / f"{key}.jpg"
     if target.exists():
         return target
-    try:
-        rgb = open_rgb(image)
-    except ImageProblem:
-        return None
-    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".jpg", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            rgb.save(fh, format="JPEG", quality=88)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_thumbnail(image, target, size, quality=88)
 
 
 def sample_tiles(settings: Settings, samples: pd.DataFrame, step: int) -> list[tuple[str, str]]:
