@@ -72,8 +72,7 @@ class TrainingEvents:
         t.report.status(state="paused", step=t.step)
         t.report.log(f"Paused at step {t.step}")
         while True:
-            time.sleep(PAUSE_POLL_SECONDS)
-            t.report.beat()
+            time.sleep(PAUSE_POLL_SECONDS)  # (the heartbeat thread keeps status.json fresh meanwhile)
             req = self.poll()
             self._act(req)  # save now / sample now work while paused too
             if req.stop or not req.pause:
