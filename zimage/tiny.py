@@ -52,23 +52,30 @@ TRANSFORMER_CONFIG = dict(
 )
 
 
-def build_tokenizer():
-    """Byte-level BPE trained on a few sentences, wrapped as the real model's tokenizer class."""
+def train_byte_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str]) -> tuple[dict, list]:
+    """(vocab, merges) of a byte-level BPE trained on `corpus` with the `tokenizers` library; deterministic."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    bpe.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges)
+    return state["vocab"], merges
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on a few sentences, wrapped as the real model's tokenizer class."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = train_byte_bpe(_CORPUS, 400, SPECIAL_TOKENS)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.chat_template = CHAT_TEMPLATE
     return tok

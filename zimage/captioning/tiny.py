@@ -8,7 +8,6 @@ are gibberish; what they prove is the plumbing. Same seed -> same weights. Each 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -68,22 +67,13 @@ def _bert_tokenizer():
 
 
 def _bart_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import BartTokenizer
 
+    from zimage.tiny import train_byte_bpe
+
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<image>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    return BartTokenizer(vocab=state["vocab"], merges=merges, extra_special_tokens={"image_token": "<image>"})
+    vocab, merges = train_byte_bpe(_CORPUS, 320, specials)
+    return BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"})
 
 
 def build_tiny_blip(seed: int = 0):
