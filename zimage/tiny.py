@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-zimage"
@@ -140,29 +141,31 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def write_tiny_model(target: Path, seed: int = 0) -> bool:
-    """Write the tiny pipeline to `target` (diffusers layout). Returns False if it was already there.
-
-    The folder appears whole or not at all: it is built in a sibling temp folder and renamed.
-    """
+def write_folder_atomically(target: Path, marker: str, fill: Callable[[Path], None]) -> bool:
+    """Fill a sibling temp folder with `fill(tmp)` and rename it to `target`, so the folder appears whole or
+    not at all. Returns False (writing nothing) when `target/marker` already exists."""
     target = Path(target)
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        pipe = build_tiny_pipeline(seed)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "zimage_model.json").write_text(
-            json.dumps(
-                {"name": TINY_MODEL_NAME, "model_type": "de_turbo", "sample_steps": 4, "sample_cfg": 2.0, "seed": seed},
-                indent=2,
-            )
-        )
-        if target.exists():  # an empty or broken leftover without model_index.json
+        fill(tmp)
+        if target.exists():  # an empty or broken leftover without the marker file
             shutil.rmtree(target)
         tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return True
+
+
+def write_tiny_model(target: Path, seed: int = 0) -> bool:
+    """Write the tiny pipeline to `target` (diffusers layout). Returns False if it was already there."""
+
+    def fill(tmp: Path) -> None:
+        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
+        meta = {"name": TINY_MODEL_NAME, "model_type": "de_turbo", "sample_steps": 4, "sample_cfg": 2.0, "seed": seed}
+        (tmp / "zimage_model.json").write_text(json.dumps(meta, indent=2))
+
+    return write_folder_atomically(target, "model_index.json", fill)

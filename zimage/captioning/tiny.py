@@ -8,8 +8,6 @@ are gibberish; what they prove is the plumbing. Same seed -> same weights. Each 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,23 +137,15 @@ def build_tiny_florence2(seed: int = 0):
 
 
 def _write(target: Path, build: Callable[[int], tuple], seed: int) -> bool:
-    """Save into a sibling temp folder and rename, so the folder appears whole or not at all."""
-    target = Path(target)
-    if (target / "config.json").exists():
-        return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    """Save model + processor so the folder appears whole or not at all."""
+    from zimage.tiny import write_folder_atomically
+
+    def fill(tmp: Path) -> None:
         model, processor = build(seed)
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return True
+
+    return write_folder_atomically(target, "config.json", fill)
 
 
 def write_tiny_blip(target: Path, seed: int = 0) -> bool:
