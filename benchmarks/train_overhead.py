@@ -7,11 +7,16 @@ Prints, from one run on this machine (tiny model, demo dataset, CPU unless CUDA 
 - time from a new trainer to its first finished step with a cold cache and with a warm one
   (target: warm <= 1/3 of cold).
 
-    .venv/bin/python benchmarks/train_overhead.py [--steps 60] [--rounds 5] [--resolution 256 512]
+    .venv/bin/python benchmarks/train_overhead.py [--steps 300] [--block 20] [--resolution 256 512]
 
-The overhead is a fixed cost per step (noise and timestep draws, gradient clipping, a metrics line,
-the control poll: about 1 ms on a 2-core CPU), so its share shrinks as steps grow: the tiny model at
-256 px (~18 ms steps) is the hardest case, 512 px (~35 ms) is shown beside it, real models take seconds.
+Both loops run in one process in alternating blocks of 20 steps, so load from other processes hits
+them alike; the first step of each block is left out on both sides (it runs with the other loop's data
+in the CPU caches), and the medians are compared.
+
+The overhead is a fixed cost per step (noise and timestep draws, gradient norm and clipping, a metrics
+line, the control poll), about 0.5 ms on a 2-core CPU, so its share shrinks as steps grow: the tiny model
+at 256 px (~14 ms steps) is the hardest case, 512 px (quick_test's resolution, ~28 ms) is shown beside
+it, and real models take seconds a step.
 """
 
 from __future__ import annotations
@@ -70,57 +75,79 @@ def time_to_first_step(settings: Settings, resolution: int, name: str) -> tuple[
     return time.perf_counter() - t0, trainer
 
 
-def intervals(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+class BareLoop:
+    """The same model, LoRA, optimizer and batches, with every input made before the clock starts."""
+
+    def __init__(self, settings: Settings, steps: int, resolution: int):
+        resolved = validate_config(build_config(make_config(steps, resolution, "bare")), settings)
+        self.trainer = trainer = LoraTrainer(resolved, settings)
+        trainer.setup()  # warm cache: only loads the transformer and builds LoRA + optimizer
+        # The optimizer itself, not accelerate's wrapper: the bare loop does nothing but the maths.
+        self.model, self.optimizer = trainer.transformer, trainer.optimizer.optimizer
+        gen = torch.Generator().manual_seed(0)
+        self.inputs = []
+        for _ in range(steps):
+            batch = trainer.sampler.next_batch()
+            x0 = torch.stack([trainer.features.latents[i] for i in batch])
+            noise = torch.randn(x0.shape, generator=gen)
+            sigmas = sample_sigmas(len(batch), "sigmoid", generator=gen)
+            text = [trainer.features.text[trainer.training_set.items[i].caption] for i in batch]
+            self.inputs.append((zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text, x0 - noise))
+
+    def step(self) -> float:
+        """One forward + backward + optimizer step; returns its seconds."""
+        x_t, sigmas, text, target = self.inputs.pop()
+        t0 = time.perf_counter()
+        pred = zimage_math.predict(self.model, x_t, sigmas, text)
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.trainer.cleanup()
 
 
-def trainer_step_times(settings: Settings, steps: int, resolution: int, run_dir: Path) -> list[float]:
-    """Seconds per step of train(): the time between consecutive step callbacks (all per-step work included)."""
+def interleaved_step_times(settings: Settings, steps: int, block: int, resolution: int, run_dir: Path):
+    """Seconds per step of LoraTrainer.train() and of the bare loop, in alternating blocks of `block` steps.
+
+    A trainer step is the time from one step callback to the next (all per-step work included). After
+    every `block` trainer steps the callback runs `block` bare steps. Alternating blocks puts both loops
+    under the same machine load; the first step of each block is left out on both sides, because it
+    runs with the other loop's data in the CPU caches (steady state is what steps/s means in a run).
+    """
     resolved = validate_config(build_config(make_config(steps, resolution, "bench")), settings)
     reporter = Reporter(RunFolder(run_dir))  # real run-folder writes, heartbeat thread as `zimage train` runs it
     reporter.start_heartbeat()
     trainer = LoraTrainer(resolved, settings, reporter)
     trainer.setup()
-    stamps: list[float] = []
-    trainer.train(on_step=lambda _record: stamps.append(time.perf_counter()))
+    bare = BareLoop(settings, steps, resolution)
+    full_times: list[float] = []
+    bare_times: list[float] = []
+    last: list[float] = []  # when the previous callback returned, unless that interval is left out
+
+    def on_step(record) -> None:
+        now = time.perf_counter()
+        if last:
+            full_times.append(now - last[0])
+        last.clear()
+        if record["step"] % block == 0:
+            bare_times.extend([bare.step() for _ in range(block)][1:])
+        else:
+            last.append(time.perf_counter())
+
+    trainer.train(on_step=on_step)
     trainer.cleanup()
     reporter.stop_heartbeat()
-    return intervals(stamps)
-
-
-def bare_step_times(settings: Settings, steps: int, resolution: int) -> float:
-    """The same model, LoRA, optimizer and batches, with every input made before the clock starts."""
-    resolved = validate_config(build_config(make_config(steps, resolution, "bare")), settings)
-    trainer = LoraTrainer(resolved, settings)
-    trainer.setup()  # warm cache: only loads the transformer and builds LoRA + optimizer
-    # The optimizer itself, not accelerate's wrapper: the bare loop does nothing but the maths.
-    model, optimizer, params = trainer.transformer, trainer.optimizer.optimizer, trainer.params
-    gen = torch.Generator().manual_seed(0)
-    inputs = []
-    for _ in range(steps):
-        batch = trainer.sampler.next_batch()
-        x0 = torch.stack([trainer.features.latents[i] for i in batch])
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = sample_sigmas(len(batch), "sigmoid", generator=gen)
-        text = [trainer.features.text[trainer.training_set.items[i].caption] for i in batch]
-        inputs.append((zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text, x0 - noise))
-    stamps = []
-    for x_t, sigmas, text, target in inputs:
-        pred = zimage_math.predict(model, x_t, sigmas, text)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stamps.append(time.perf_counter())
-    del params
-    trainer.cleanup()
-    return intervals(stamps)
+    bare.close()
+    return full_times, bare_times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300, help="trainer steps per resolution (bare: as many)")
+    parser.add_argument("--block", type=int, default=20, help="steps of one loop before switching to the other")
     parser.add_argument("--resolution", type=int, nargs="+", default=[256, 512])
     args = parser.parse_args()
 
@@ -152,13 +179,12 @@ def main() -> None:
             f"loaded vae={stats.vae_loaded} text_encoder={stats.text_encoder_loaded}"
         )
 
-        # Loop overhead: alternate bare and trainer rounds so load changes hit both alike; compare the medians
-        # of all step times (a shared machine's bursts land in the tails, not in the median).
+        # Loop overhead: blocks of trainer steps and bare steps in turn, so load changes hit both alike;
+        # compare the medians of all step times (a shared machine's bursts land in the tails, not the median).
         for resolution in args.resolution:
-            bare, full = [], []
-            for r in range(args.rounds):
-                bare += bare_step_times(settings, args.steps, resolution)
-                full += trainer_step_times(settings, args.steps, resolution, Path(tmp) / f"run{resolution}-{r}")
+            full, bare = interleaved_step_times(
+                settings, args.steps, args.block, resolution, Path(tmp) / f"r{resolution}"
+            )
             b, f = statistics.median(bare), statistics.median(full)
             print(
                 f"{resolution} px: trainer {1 / f:.2f} steps/s ({f * 1000:.1f} ms), bare loop {1 / b:.2f} steps/s "

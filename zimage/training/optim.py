@@ -7,6 +7,7 @@ reason instead of crashing a run (bitsandbytes 0.50 runs 8-bit AdamW on the CPU 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -20,7 +21,10 @@ def build_optimizer(
     """The optimizer `name` over `params`; raises ValueError for an unknown name."""
     params = list(params)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        # The fused kernel updates every tensor in one pass: on the tiny CPU model it takes the optimizer step
+        # from about 2 ms to a fraction of that, and on CUDA it is torch's fastest AdamW too.
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -61,3 +65,57 @@ def optimizer_problem(name: str, device_type: str = "cpu") -> str | None:
 def available_optimizers(device_type: str = "cpu") -> dict[str, str | None]:
     """Every optimizer name with None (usable) or the reason it is not."""
     return {name: optimizer_problem(name, device_type) for name in OPTIMIZERS}
+
+
+FLAT_GRADIENTS_LIMIT = 1 << 26  # elements (256 MB in fp32): LoRAs; a full fine-tune keeps torch's own gradients
+
+
+class FlatGradients:
+    """The gradients of `params` as views into one buffer, so norm, clipping and zeroing are one op each.
+
+    autograd adds into a gradient that already exists instead of allocating one, so after backward()
+    the buffer holds every gradient. For a LoRA's many small tensors this replaces dozens of per-tensor
+    ops a step (on the tiny CPU model about a tenth of a millisecond, half the trainer's fixed cost).
+    One process only (DDP and sharding manage their own gradient buffers). A parameter that gets no
+    gradient in a step sees zeros instead of None, which a LoRA (every adapter in the forward) never has.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        p0 = params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
+        self.views, offset = [], 0
+        for p in params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    @classmethod
+    def fits(cls, params: list[torch.nn.Parameter]) -> bool:
+        return (
+            bool(params)
+            and sum(p.numel() for p in params) <= FLAT_GRADIENTS_LIMIT
+            and len({(p.dtype, p.device) for p in params}) == 1
+        )
+
+    def attach(self) -> None:
+        """Before backward: every gradient is its view (re-attached if anything replaced or dropped one)."""
+        for p, view in zip(self.params, self.views, strict=True):
+            if p.grad is not view:
+                view.zero_()
+                p.grad = view
+
+    def clip_(self, max_norm: float) -> torch.Tensor | float:
+        """Scale all gradients to at most max_norm together; returns the norm before scaling."""
+        norm = torch.linalg.vector_norm(self.buffer)
+        if math.isinf(max_norm):
+            return norm
+        if self.buffer.device.type == "cpu":  # reading the norm costs nothing here: scale only when needed
+            value = float(norm)
+            if max_norm / (value + 1e-6) < 1.0:
+                self.buffer.mul_(max_norm / (value + 1e-6))
+            return value
+        self.buffer.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))  # on a GPU without waiting for it
+        return norm
+
+    def zero_(self) -> None:
+        self.buffer.zero_()

@@ -44,7 +44,8 @@ def sample_sigmas(
     else:
         raise ValueError(f"unknown timestep sampling {mode!r}")
     # Never exactly 0: a clean input teaches nothing and breaks sigma-based loss weights.
-    return u.clamp(1e-3, 1.0).to(device)
+    u = u.clamp(1e-3, 1.0)
+    return u if u.device == torch.device(device) else u.to(device)
 
 
 def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from zimage.training import lora_io, zimage_math
 from zimage.training.distributed import make_accelerator
 from zimage.training.features import Features, prepare_features
 from zimage.training.model_setup import ADAPTER_NAME, target_regex  # noqa: F401 - part of this module's API
-from zimage.training.optim import build_optimizer
+from zimage.training.optim import FlatGradients, build_optimizer
 from zimage.training.reporting import Reporter, memory_figures
 from zimage.training.timesteps import loss_weights, sample_sigmas
 
@@ -126,6 +126,12 @@ class LoraTrainer:
 
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self._accelerate_clips = self.accelerator.scaler is not None or sharded
+        # One process, one micro-batch, no GradScaler: a step is just the maths, without accelerate's
+        # per-step bookkeeping (its accumulate() context and loss division cost ~0.1 ms on a small step).
+        single = self.accelerator.num_processes == 1 and not self._accelerate_clips
+        self._lean = single and c.gradient_accumulation == 1
+        flat = single and c.training_type == "lora" and FlatGradients.fits(self.params)
+        self.flat_grads = FlatGradients(self.params) if flat else None
         # Everything random in the loop draws from these, so a resume can restore them exactly.
         self.sampler = BucketBatchSampler(
             [it.bucket for it in self.training_set.items],
@@ -202,10 +208,17 @@ class LoraTrainer:
         )
 
     # -- the loop ------------------------------------------------------------------------------
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the training device in the weight dtype (no op at all when it already is)."""
+        if tensor.device == self.device and tensor.dtype == self.weight_dtype:
+            return tensor
+        return tensor.to(self.device, self.weight_dtype)
+
     def _loss(self, batch: list[int]) -> torch.Tensor:
         c = self.config
-        x0 = torch.stack([self.features.latents[i] for i in batch]).to(self.device, self.weight_dtype)
-        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device, self.weight_dtype)
+        latents = self.features.latents
+        x0 = self._on_device(latents[batch[0]][None] if len(batch) == 1 else torch.stack([latents[i] for i in batch]))
+        noise = self._on_device(torch.randn(x0.shape, generator=self.noise_gen))
         sigmas = sample_sigmas(
             len(batch), c.timestep_sampling, shift=c.timestep_shift, logit_mean=c.logit_mean,
             logit_std=c.logit_std, generator=self.noise_gen, device=self.device,
@@ -216,22 +229,33 @@ class LoraTrainer:
         if self.text_lora is not None:
             text = [t.to(self.weight_dtype) for t in self.text_lora.encode(captions, self.text_encoder)]
         else:
-            text = [self.features.text[cap].to(self.device, self.weight_dtype) for cap in captions]
+            text = [self._on_device(self.features.text[cap]) for cap in captions]
         x_t = zimage_math.noisy_latents(x0, noise, sigmas)
         # accelerate.prepare() already runs the transformer's forward under autocast for bf16 / fp16.
         pred = zimage_math.predict(self.transformer, x_t, sigmas, text)
+        if pred.dtype != torch.float32:
+            pred = pred.float()
         target = zimage_math.flow_target(x0, noise)
+        if target.dtype != torch.float32:
+            target = target.float()
         if c.loss_weighting == "none":  # one fused kernel for the common case
-            return torch.nn.functional.mse_loss(pred.float(), target.float())
-        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+            return torch.nn.functional.mse_loss(pred, target)
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         return (per_sample * loss_weights(c.loss_weighting, sigmas)).mean()
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm)."""
         c, acc = self.config, self.accelerator
         self._reseed()
-        total = torch.zeros((), device=self.device)
-        grad_norm = torch.zeros(())
+        if self.flat_grads is not None:
+            self.flat_grads.attach()
+        if self._lean:
+            loss = self._loss(self.sampler.next_batch())
+            loss.backward()
+            grad_norm = self._clip_gradients(c.max_grad_norm or math.inf)
+            self._optimizer_step()
+            return loss.item(), float(grad_norm)
+        total, grad_norm = None, math.nan
         for _ in range(c.gradient_accumulation):
             with acc.accumulate(*[m for m in (self.transformer, self.text_encoder) if m is not None]):
                 loss = self._loss(self.sampler.next_batch())
@@ -239,27 +263,36 @@ class LoraTrainer:
                 if acc.sync_gradients:
                     grad_norm = self._clip_gradients(c.max_grad_norm or math.inf)
                     self._optimizer_step()
-                    self.lr_scheduler.step()
-            total += loss.detach()
+            total = loss.detach() if total is None else total + loss.detach()
         mean = (acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total) / c.gradient_accumulation
         return float(mean), float(grad_norm)
 
-    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor | float:
         """Clip to max_norm and return the norm before clipping (inf: measure only)."""
         if self._accelerate_clips:
             return self.accelerator.clip_grad_norm_(self.params, max_norm)  # unscales fp16 / sharded grads first
+        if self.flat_grads is not None:
+            return self.flat_grads.clip_(max_norm)
         # Plain (and DDP) gradients: torch directly, skipping accelerate's per-call DTensor checks.
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
 
     def _optimizer_step(self) -> None:
-        # accelerate's optimizer wrapper looks up installed packages on every step (about 1 ms, a few percent
-        # of a small step); without a GradScaler (fp16) there is nothing else for it to do, so step directly.
+        """Optimizer and LR scheduler step, once the gradients are complete."""
+        # accelerate's wrappers look up installed packages and GradScaler state on every step (about 1 ms, a
+        # few percent of a small step); without a GradScaler (fp16) they have nothing else to do, so step
+        # directly. A prepared scheduler steps once per process (see _scheduler).
         if self.accelerator.scaler is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.lr_scheduler.step()
+            return
+        self.optimizer.optimizer.step()
+        if self.flat_grads is not None:
+            self.flat_grads.zero_()
         else:
-            self.optimizer.optimizer.step()
             self.optimizer.optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.accelerator.num_processes):
+            self.lr_scheduler.scheduler.step()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stop_requested:

@@ -114,7 +114,9 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Flow matching: a straight line from the clean latent (sigma 0) to pure noise (sigma 1)."""
-    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1)))
+    if s.dtype != x0.dtype:
+        s = s.to(x0.dtype)
     return torch.lerp(x0, noise, s)  # (1 - s) * x0 + s * noise in one kernel
 
 
