@@ -94,16 +94,23 @@ class BareLoop:
             text = [trainer.features.text[trainer.training_set.items[i].caption] for i in batch]
             self.inputs.append((zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text, x0 - noise))
 
-    def step(self) -> float:
-        """One forward + backward + optimizer step; returns its seconds."""
-        x_t, sigmas, text, target = self.inputs.pop()
-        t0 = time.perf_counter()
-        pred = zimage_math.predict(self.model, x_t, sigmas, text)
-        loss = torch.nn.functional.mse_loss(pred.float(), target)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    def run(self, n: int) -> list[float]:
+        """n forward + backward + optimizer steps; seconds from each step's end to the next one's.
+
+        Timed like the trainer (end to end, so freeing a step's autograd graph counts on both sides); the
+        first step has no start mark, so it is left out, as the trainer's first step after a switch is.
+        """
+        ends = []
+        for _ in range(n):
+            x_t, sigmas, text, target = self.inputs.pop()
+            pred = zimage_math.predict(self.model, x_t, sigmas, text)
+            loss = torch.nn.functional.mse_loss(pred.float(), target)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            del pred, loss
+            ends.append(time.perf_counter())
+        return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
     def close(self) -> None:
         self.trainer.cleanup()
@@ -133,7 +140,7 @@ def interleaved_step_times(settings: Settings, steps: int, block: int, resolutio
             full_times.append(now - last[0])
         last.clear()
         if record["step"] % block == 0:
-            bare_times.extend([bare.step() for _ in range(block)][1:])
+            bare_times.extend(bare.run(block))
         else:
             last.append(time.perf_counter())
 

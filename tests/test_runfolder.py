@@ -58,3 +58,22 @@ def test_metrics_lines_are_whole_json(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]
     with pytest.raises(ValueError):
         rf.append_metrics({"step": 3, "loss": float("nan")})
+
+
+def test_pending_metrics_go_out_together_and_a_failed_write_loses_none(tmp_path):
+    from zimage.training.reporting import Reporter
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.metrics_path.mkdir()  # writing fails (IsADirectoryError), as a full disk would
+    reporter = Reporter(run)
+    with pytest.raises(OSError):
+        reporter.add_metrics({"step": 1, "loss": 0.5})
+    with pytest.raises(OSError):
+        reporter.add_metrics({"step": 2, "loss": 0.4})
+    run.metrics_path.rmdir()
+    reporter.add_metrics({"step": 3, "loss": 0.3})  # the two kept lines go out first, in one write
+    lines = run.metrics_path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    run.append_metrics()  # nothing to write: no empty line either
+    assert run.metrics_path.read_text().count("\n") == 3

@@ -72,6 +72,7 @@ class RunFolder:
         self._seen_sample = 0
         self._control_mtime: int | None = None
         self._last_control = ControlRequests()
+        self._control_file = os.fspath(self.path / "control.json")  # polled every step: no Path work then
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -159,7 +160,7 @@ class RunFolder:
     def poll_control(self) -> ControlRequests:
         """Worker side: cheap (one stat) when nothing changed. save_now / sample_now fire once each."""
         try:
-            mtime = self.control_path.stat().st_mtime_ns
+            mtime = os.stat(self._control_file).st_mtime_ns
         except FileNotFoundError:
             return ControlRequests()
         if mtime == self._control_mtime:
@@ -191,15 +192,16 @@ class RunFolder:
             atomic_write_text(self.control_path, json.dumps(control, indent=2) + "\n")
 
     # -- append-only logs -------------------------------------------------------------------------
-    def _append(self, path: Path, record: dict) -> None:
-        # One write() of a whole line: a reader never sees a line that is half ours and half another's.
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
+    def _append(self, path: Path, *records: dict) -> None:
+        # One write() of whole lines: a reader never sees a line that is half ours and half another's.
+        data = "".join(json.dumps(r, separators=(",", ":"), allow_nan=False) + "\n" for r in records)
+        with open(path, "ab") as fh:
+            fh.write(data.encode("utf-8"))
 
-    def append_metrics(self, record: dict) -> None:
-        self._append(self.metrics_path, record)
+    def append_metrics(self, *records: dict) -> None:
+        """Append one line per record (a trainer's pending lines go in one write)."""
+        if records:
+            self._append(self.metrics_path, *records)
 
     def append_sample(self, record: dict) -> None:
         self._append(self.samples_path, record)

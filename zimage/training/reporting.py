@@ -55,8 +55,14 @@ class Reporter:
         if self.run is None:
             return
         with self._write_lock:
+            lines = []
             while self._pending:
-                self.run.append_metrics(self._pending.popleft())
+                lines.append(self._pending.popleft())
+            try:
+                self.run.append_metrics(*lines)
+            except OSError:  # a full disk: keep them for the next try
+                self._pending.extendleft(reversed(lines))
+                raise
 
     def status(self, **fields: Any) -> dict[str, Any]:
         """Write `fields` into status.json now (state changes, final results)."""

@@ -154,7 +154,8 @@ class LoraTrainer:
 
         c, rank = self.config, self.accelerator.process_index
         self.noise_gen.manual_seed(step_seed(c.seed, rank, self.step, "noise"))
-        self.caption_rng.seed(step_seed(c.seed, rank, self.step, "caption"))
+        if c.caption_dropout > 0:  # the only user of caption_rng
+            self.caption_rng.seed(step_seed(c.seed, rank, self.step, "caption"))
 
     def _scan(self) -> TrainingSet:
         c, r = self.config, self.resolved
