@@ -175,12 +175,14 @@ def test_delete_the_database_and_rebuild_gives_the_same_rows(zhome):
             ing.scan()
     ing.scan()
     before = dump(reg)
-    assert len(before["metrics"]) == 40 + 29 + 5 and len(before["runs"]) == 3
+    # Each step-999 line is followed by lower steps, as after a resume: the later lines void it (live, when
+    # the 999 row was already stored, and in the rebuild's single pass alike).
+    assert len(before["metrics"]) == 40 + 29 and len(before["runs"]) == 3
     reg.close()
 
     zhome.db_path.unlink()
     counts = rebuild(zhome)
-    assert counts["runs"] == 3 and counts["metrics"] == 74 and counts["by"] == "this process"
+    assert counts["runs"] == 3 and counts["metrics"] == 69 and counts["by"] == "this process"
     reg = Registry(zhome.db_path)
     try:
         assert dump(reg) == before
@@ -239,3 +241,59 @@ def test_fast_and_slow_parsers_number_lines_alike():
         assert chunk.table.column("step").to_pylist() == [1, 3] and chunk.table.column("loss").to_pylist() == [1.0, 3.0]
         assert (chunk.malformed, chunk.lines) == (malformed, lines)
     assert slow.bad_examples == ['{"loss": 2}', "garbage"]
+
+
+def test_a_resumed_run_keeps_the_later_line_for_each_step_live_and_rebuilt(zhome, tmp_path):
+    """A kill after step 7 and a resume from step 4 log steps 5-7 twice; only the resumed lines count, and a
+    second resume from step 2 that stops at step 4 voids the first attempt's 5-9 as well."""
+    from zimage.registry.ingest import rebuild_into
+
+    reg = Registry(zhome.db_path)
+    ing = Ingester(reg, zhome)
+    rf = make_run(zhome, "run-r", state="running", steps=0)
+
+    def log(steps, loss):
+        for s in steps:
+            rf.append_metrics({"step": s, "loss": loss, "lr": 1e-4})
+
+    def stored():
+        return reg.fetch("SELECT step, loss FROM metrics WHERE run_id = 'run-r' ORDER BY step")
+
+    def summary():
+        q = "SELECT metrics_rows, first_metric_step, last_metric_step, last_loss FROM runs WHERE run_id = 'run-r'"
+        return reg.fetch(q)[0]
+
+    log(range(1, 8), 1.0)
+    ing.ingest_run("run-r")
+    log(range(5, 10), 2.0)  # resumed from the checkpoint at step 4
+    ing.ingest_run("run-r")
+    assert stored() == [(s, 1.0) for s in range(1, 5)] + [(s, 2.0) for s in range(5, 10)]
+    assert summary() == (9, 1, 9, 2.0)
+
+    log([3, 4], 3.0)  # resumed again, from step 2, and stopped at step 4
+    ing.ingest_run("run-r")
+    assert stored() == [(1, 1.0), (2, 1.0), (3, 3.0), (4, 3.0)]
+    assert summary() == (4, 1, 4, 3.0)
+    live = dump(reg)
+    reg.close()
+
+    # The whole file read in one pass (a rebuild) gives the same rows.
+    rebuilt_file = tmp_path / "rebuilt.duckdb"
+    rebuild_into(rebuilt_file, zhome)
+    rebuilt = Registry(rebuilt_file)
+    try:
+        again = dump(rebuilt)
+    finally:
+        rebuilt.close()
+    assert again["metrics"] == live["metrics"] and again["runs"] == live["runs"]
+
+
+def test_superseded_rows_within_one_chunk():
+    import pyarrow as pa
+
+    from zimage.registry.jsonl import drop_superseded
+
+    table = pa.table({"line": list(range(8)), "step": [1, 2, 3, 4, 2, 3, 5, 5]})
+    assert drop_superseded(table).to_pydict() == {"line": [0, 4, 5, 7], "step": [1, 2, 3, 5]}
+    ordered = pa.table({"line": [0, 1, 2], "step": [1, 2, 10]})
+    assert drop_superseded(ordered) is ordered  # the common case is returned untouched

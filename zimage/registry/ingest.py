@@ -21,7 +21,7 @@ from pathlib import Path
 
 from zimage.data.folders import DatasetFolder, list_datasets
 from zimage.registry.db import Registry
-from zimage.registry.jsonl import Chunk, parse_metrics, parse_samples, read_new_bytes
+from zimage.registry.jsonl import Chunk, drop_superseded, parse_metrics, parse_samples, read_new_bytes
 from zimage.registry.rows import (
     RUN_COLUMNS,
     apply_config,
@@ -70,6 +70,7 @@ class _Pending:
     metrics: Chunk | None = None
     m_rec: dict | None = None
     m_reset: bool = False
+    m_redo_from: int | None = None  # a resumed run logs steps again: stored rows from this step on are void
     samples: Chunk | None = None
     s_rec: dict | None = None
     s_reset: bool = False
@@ -231,7 +232,13 @@ class Ingester:
             row.update(last_step_time=None, eta=None)
         if p.s_reset:
             row.update(samples_count=None, last_sample_path=None)
-        if p.metrics is not None:
+        if p.metrics is not None and p.metrics.table is not None and p.metrics.table.num_rows:
+            p.metrics.table = drop_superseded(p.metrics.table)
+            first = p.metrics.table.column("step")[0].as_py()  # the chunk's smallest step, after the drop
+            if row["last_metric_step"] is not None and first <= row["last_metric_step"]:
+                p.m_redo_from = first
+                if row["first_metric_step"] is not None and first <= row["first_metric_step"]:
+                    row["first_metric_step"] = None
             apply_metrics(row, p.metrics.table)
         if p.samples is not None and p.samples.rows:
             row["samples_count"] = (row["samples_count"] or 0) + len(p.samples.rows)
@@ -284,6 +291,11 @@ class Ingester:
             cur.execute("DELETE FROM metrics WHERE run_id = ?", [run_id])
         if p.s_reset:
             cur.execute("DELETE FROM samples WHERE run_id = ?", [run_id])
+        if p.m_redo_from is not None:
+            where = "FROM metrics WHERE run_id = ? AND step >= ?"
+            (voided,) = cur.execute(f"SELECT count(*) {where}", [run_id, p.m_redo_from]).fetchone()
+            cur.execute(f"DELETE {where}", [run_id, p.m_redo_from])
+            p.row["metrics_rows"] -= voided
         if p.rows:
             cur.register("_new_metrics", p.metrics.table)
             cur.execute(

@@ -87,6 +87,25 @@ def _bad(chunk: Chunk, line: bytes) -> None:
         chunk.bad_examples.append(line[:120].decode("utf-8", "replace"))
 
 
+def drop_superseded(table: pa.Table) -> pa.Table:
+    """The rows of a metrics chunk that no later row supersedes.
+
+    A run resumed from a checkpoint trains again from the checkpoint's step, so metrics.jsonl holds a
+    line for step s and, further down, another line for s or an earlier step. The later line is the one
+    that counts, and it also voids every earlier line at or after its step (a trajectory that was
+    thrown away): a row is kept when its step is below every step that follows it. Cheap when the steps
+    only increase, which is every run that never restarted.
+    """
+    if table.num_rows < 2:
+        return table
+    steps = table.column("step").to_numpy()
+    if bool((steps[1:] > steps[:-1]).all()):
+        return table
+    later_min = np.minimum.accumulate(steps[::-1])[::-1]  # later_min[i] = min(steps[i:])
+    keep = np.append(steps[:-1] < later_min[1:], True)
+    return table.filter(pa.array(keep))
+
+
 def parse_metrics(data: bytes, first_line: int) -> Chunk:
     """Parse complete metrics lines; `first_line` is the index of the first non-blank line in `data`."""
     chunk = Chunk(consumed=len(data))
