@@ -68,6 +68,8 @@ def show_run() -> None:
     st.caption(f"{run_id} · user {d.get('user_name')} · dataset {d.get('dataset')} · model {d.get('model')}")
     frac, line = rv.progress_line(d)
     st.progress(frac, text=line)
+    if warning := rv.silence_warning(d):
+        st.warning(warning)
     if d.get("error"):
         st.error(str(d["error"]).strip().splitlines()[-1])
     allowed = rv.action_states(d["state"])

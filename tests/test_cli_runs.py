@@ -131,3 +131,20 @@ def test_queue_add_validates_a_training_config_first(zhome_demo, tmp_path):
     assert config["resolution"] == 256 and config["output_name"] == "cli-lora" and config["lora_rank"] == 8
     status = RunFolder(zhome_demo.runs_dir / run_id).read_status()
     assert status["kind"] == "train" and status["state"] == "queued" and status["user"]
+
+
+def test_runs_show_warns_about_a_silent_worker(zhome):
+    from zimage.runfolder import process_start_time
+
+    me = os.getpid()
+    for run_id, pid in (("quiet-alive", me), ("quiet-gone", 2**22 + 12345)):
+        rf = RunFolder(zhome.runs_dir / run_id)
+        rf.write_config({"output_name": run_id})
+        rf.update_status(state="running", kind="train", user="ann", step=5, total_steps=10, pid=pid,
+                         pid_start_time=process_start_time(pid) if pid == me else 1.0)  # fmt: skip
+        status = rf.read_status()
+        status["heartbeat"] = time.time() - 600
+        rf.status_path.write_text(json.dumps(status))
+    alive = zimage(zhome, "runs", "show", "quiet-alive").stdout
+    assert "warning  no heartbeat for 10 min: its process is alive, so it may be stuck" in alive
+    assert "no heartbeat for 10 min: its process is gone" in zimage(zhome, "runs", "show", "quiet-gone").stdout

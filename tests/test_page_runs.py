@@ -169,3 +169,18 @@ def test_queued_run_and_unknown_link(home):
 def test_empty_registry_says_how_to_start(zhome):
     at = page()
     assert not at.exception and any("Start one on the Train page" in i.value for i in at.info)
+
+
+def test_a_live_run_whose_worker_went_quiet_is_flagged(home):
+    """The process is alive (so not lost), but status.json has not been stamped for 10 minutes."""
+    path = home.runs_dir / "r-live" / "status.json"
+    status = json.loads(path.read_text())
+    status["heartbeat"] = time.time() - 600
+    path.write_text(json.dumps(status))
+    at = page()
+    assert not at.exception
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["r-live", "state"].startswith("running · silent 10 min")
+    at = page("r-live")
+    assert any("No heartbeat from this run's worker for 10 min" in w.value for w in at.warning)
+    assert not any("No heartbeat" in w.value for w in page("r-done").warning)

@@ -77,3 +77,17 @@ def test_pending_metrics_go_out_together_and_a_failed_write_loses_none(tmp_path)
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     run.append_metrics()  # nothing to write: no empty line either
     assert run.metrics_path.read_text().count("\n") == 3
+
+
+def test_heartbeat_keeps_status_fresh_while_the_worker_is_busy(tmp_path):
+    import time
+
+    run = RunFolder(tmp_path / "run")
+    run.update_status(state="running", step=3)
+    first = run.read_status()["heartbeat"]
+    with run.heartbeat(interval=0.05):
+        time.sleep(0.3)  # a model download, a slow batch: the worker writes nothing itself
+        run.update_status(step=4)  # the worker's own writes still land whole
+        time.sleep(0.2)
+    status = run.read_status()
+    assert status["heartbeat"] > first + 0.3 and status["step"] == 4 and status["state"] == "running"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from zimage.errors import UserError
 from zimage.views import charts, compare, home, runs
-from zimage.views.format import clock, duration, fraction, number, progress_text
+from zimage.views.format import clock, duration, fraction, number, progress_text, state_text
 
 
 def test_durations_clock_and_progress_text():
@@ -69,7 +69,7 @@ def test_series_frame_and_chart_layers():
 def _runs_df(**over):
     row = {"run_id": "r1", "name": "my-lora", "output_name": "my-lora", "state": "running", "user": "ann",
            "dataset": "pets", "progress": 0.5, "step": 50, "total_steps": 100, "last_loss": 0.1234567, "eta": 125.0,
-           "started": time.time() - 60, "created": time.time() - 70}  # fmt: skip
+           "started": time.time() - 60, "created": time.time() - 70, "heartbeat": time.time() - 2}  # fmt: skip
     row.update(over)
     return pd.DataFrame([row])
 
@@ -202,3 +202,20 @@ def test_shown_errors_turns_errors_into_one_message():
     with pytest.raises(Stop), shown_errors(shown.append):
         raise Stop()
     assert len(shown) == 2
+
+
+def test_a_live_run_that_went_quiet_is_marked_silent():
+    now = 1_000_000.0
+    assert state_text("running", now - 5, now) == "running"
+    assert state_text("running", now - 300, now) == "running · silent 5 min 00 s"
+    assert state_text("paused", now - 91, now) == "paused · silent 1 min 31 s"
+    assert state_text("completed", now - 300, now) == "completed"  # a finished run has nothing to say
+    assert state_text("queued", None, now) == "queued" and state_text(None) == ""
+
+    quiet = _runs_df(heartbeat=time.time() - 600)
+    assert runs.runs_table(quiet).iloc[0]["state"].startswith("running · silent 10 min")
+    assert "silent 10 min" in home.active_progress(quiet.assign(kind="train"))[0][2]
+    assert "silent" not in home.active_progress(_runs_df(kind="train"))[0][2]
+    warning = runs.silence_warning({"state": "running", "heartbeat": now - 300}, now)
+    assert "for 5 min 00 s" in warning and "Stop" in warning
+    assert runs.silence_warning({"state": "running", "heartbeat": now - 3}, now) is None

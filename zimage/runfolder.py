@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,26 @@ class ControlRequests:
     sample_now: bool = False
 
 
+STALE_HEARTBEAT_S = 90.0  # workers stamp status.json every few seconds; this much silence is news
+LIVE_STATES = ("starting", "running", "paused")
+
+
+def silence(state: str | None, heartbeat: Any, now: float | None = None) -> float | None:
+    """Seconds since a live run's last heartbeat, when longer than STALE_HEARTBEAT_S; else None.
+
+    A worker that died is marked `lost` by the scheduler within seconds; one whose process is alive but
+    stuck (a hung file system, a deadlock, a wedged GPU) only goes quiet, and this is how that shows.
+    """
+    try:
+        beat = float(heartbeat)
+    except (TypeError, ValueError):
+        return None
+    if state not in LIVE_STATES or beat != beat:  # NaN: no heartbeat known
+        return None
+    quiet = (time.time() if now is None else now) - beat
+    return quiet if quiet >= STALE_HEARTBEAT_S else None
+
+
 class RunFolder:
     def __init__(self, path: Path | str):
         self.path = Path(path)
@@ -73,6 +96,7 @@ class RunFolder:
         self._control_mtime: int | None = None
         self._last_control = ControlRequests()
         self._control_file = os.fspath(self.path / "control.json")  # polled every step: no Path work then
+        self._status_lock = threading.Lock()  # a heartbeat thread and the worker both update status.json
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -102,14 +126,36 @@ class RunFolder:
 
     def update_status(self, **fields: Any) -> dict:
         """Merge `fields` into status.json and write it atomically; always stamps `heartbeat`."""
-        status = self.read_status()
-        status.update(fields)
-        status["heartbeat"] = time.time()
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown state {fields['state']!r}")
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")
+        with self._status_lock:
+            status = self.read_status()
+            status.update(fields)
+            status["heartbeat"] = time.time()
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")
         return status
+
+    @contextmanager
+    def heartbeat(self, interval: float = 5.0) -> Iterator[None]:
+        """Stamp status.json every `interval` s while the block runs (model downloads, long batches), so
+        the app can tell a slow worker from a stuck one (DESIGN: at least every 10 s)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    self.update_status()
+                except OSError:  # a full disk must not kill the job; the next beat tries again
+                    pass
+
+        thread = threading.Thread(target=beat, name="zimage-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=interval + 5)
 
     def mark_worker_started(self, kind: str, total_steps: int | None = None) -> dict:
         """Call first thing in a worker: records who is running the folder (PID + start time, host)."""

@@ -183,14 +183,10 @@ class CaptionJob:
         req = self.run.poll_control()
         if not req.pause or req.stop:
             return req.stop
-        self._status(state="paused")
-        last = time.time()
+        self._status(state="paused")  # the heartbeat thread of run_job keeps status.json fresh meanwhile
         while req.pause and not req.stop:
             time.sleep(0.5)
             req = self.run.poll_control()
-            if time.time() - last > 5:  # heartbeat, so the app knows a paused worker is alive
-                self._status(state="paused")
-                last = time.time()
         if not req.stop:
             self._status(state="running")
         return req.stop
@@ -241,6 +237,10 @@ class CaptionJob:
     def run_job(self) -> int:
         """Run to the end; returns the process exit code (0 completed or stopped, 1 failed)."""
         self.run.mark_worker_started("caption")
+        with self.run.heartbeat():  # status.json stays fresh through model downloads and slow batches
+            return self._run_job()
+
+    def _run_job(self) -> int:
         progress = _Progress(total=0)
         try:
             settings = get_settings()

@@ -72,6 +72,7 @@ def run_list(args) -> int:
 
 def run_show(args) -> int:
     from zimage.jobs.runinfo import show_run
+    from zimage.runfolder import RunFolder, silence
     from zimage.settings import get_settings
 
     info = show_run(get_settings(), args.run_id)
@@ -84,6 +85,11 @@ def run_show(args) -> int:
     print(f"state    {info['state']}  step {info['step'] or 0}/{info['total_steps'] or '?'}")
     if st.get("gpu_ids") is not None:
         print(f"gpus     {st.get('gpu_ids') or 'cpu'}  pid {st.get('pid') or '-'}  host {st.get('host') or '-'}")
+    quiet = silence(info["state"], st.get("heartbeat"))
+    if quiet is not None:
+        alive = RunFolder(info["run_dir"]).worker_alive()
+        why = "its process is alive, so it may be stuck" if alive else "its process is gone"
+        print(f"warning  no heartbeat for {quiet / 60:.0f} min: {why}")
     if st.get("error"):
         print(f"error    {st['error']}")
     if st.get("output_path"):

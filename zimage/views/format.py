@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import time
 
+from zimage.runfolder import silence
+
 
 def _is_number(value) -> bool:
     try:
@@ -42,6 +44,12 @@ def fraction(step, total) -> float:
     if not _is_number(step) or not _is_number(total) or float(total) <= 0:
         return 0.0
     return min(1.0, max(0.0, float(step) / float(total)))
+
+
+def state_text(state: str | None, heartbeat=None, now: float | None = None) -> str:
+    """'running', or 'running · silent 4 min 10 s' when the worker has not stamped its status for long."""
+    quiet = silence(state, heartbeat, now)
+    return f"{state} · silent {duration(quiet)}" if quiet is not None else (state or "")
 
 
 def progress_text(step, total, eta=None, state: str | None = None) -> str:

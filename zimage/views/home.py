@@ -6,7 +6,7 @@ import pandas as pd
 
 from zimage.settings import Settings
 from zimage.system import GpuInfo, human_bytes
-from zimage.views.format import clock, fraction, progress_text
+from zimage.views.format import clock, duration, fraction, progress_text, silence
 
 
 def gpu_rows(gpus: list[GpuInfo]) -> list[dict]:
@@ -59,5 +59,8 @@ def active_progress(df: pd.DataFrame) -> list[tuple[str, float, str]]:
     for r in df.itertuples(index=False):
         name = r.name or r.output_name or r.run_id
         text = f"{name} ({r.kind}, {r.user}) · " + progress_text(r.step, r.total_steps, r.eta, r.state)
+        quiet = silence(r.state, getattr(r, "heartbeat", None))
+        if quiet is not None:
+            text += f" · ⚠ silent {duration(quiet)}"
         out.append((r.run_id, fraction(r.step, r.total_steps), text))
     return out

@@ -12,7 +12,7 @@ import pandas as pd
 from zimage.runfolder import ACTIVE_STATES, FINAL_STATES
 from zimage.settings import Settings
 from zimage.views import charts
-from zimage.views.format import clock, duration, fraction, number, progress_text
+from zimage.views.format import clock, duration, fraction, number, progress_text, silence, state_text
 
 LIVE_STATES = ("queued", *ACTIVE_STATES)
 RUN_METRICS = ("loss", "lr", "step_time", "mem_allocated", "mem_peak")
@@ -33,7 +33,7 @@ def runs_table(df: pd.DataFrame, now: float | None = None) -> pd.DataFrame:
             {
                 "run": r.run_id,
                 "name": r.name or r.output_name or "",
-                "state": r.state or "",
+                "state": state_text(r.state, r.heartbeat, now),
                 "user": r.user or "",
                 "dataset": r.dataset or "",
                 "progress": 0.0 if pd.isna(r.progress) else round(float(r.progress) * 100, 1),
@@ -67,6 +67,18 @@ def action_states(state: str | None) -> dict[str, bool]:
     elif state in ("stopped", "failed", "lost"):
         on = {"resume"}  # back in line; continues from its last checkpoint
     return {action: action in on for action in ACTIONS}
+
+
+def silence_warning(detail: dict, now: float | None = None) -> str | None:
+    """What to tell people about a live run whose worker has gone quiet (see format.silence), or None."""
+    quiet = silence(detail.get("state"), detail.get("heartbeat"), now)
+    if quiet is None:
+        return None
+    return (
+        f"No heartbeat from this run's worker for {duration(quiet)}. A worker that is still running but silent "
+        "may be stuck (a hung disk or GPU, a deadlock): wait a little, or Stop it and resume it later from its "
+        "last checkpoint."
+    )
 
 
 def progress_line(detail: dict) -> tuple[float, str]:
