@@ -8,9 +8,10 @@ from zimage.data.folders import list_datasets
 from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
 from zimage.system import disk_usage, gpus
-from zimage.views import home, open_registry, shown_errors
+from zimage.views import home, keep_user_name, open_registry, shown_errors
 
 st.set_page_config(page_title="Z-Image LoRA Studio", page_icon="🎨", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)  # ingest run folders and start queued jobs while the app runs
 

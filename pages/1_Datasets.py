@@ -7,8 +7,10 @@ from zimage.data import manage, report, stats, thumbnails, uploads
 from zimage.data.folders import DATASET_TYPES, DatasetInfo
 from zimage.errors import UserError
 from zimage.settings import get_settings
+from zimage.views import keep_user_name
 
 st.set_page_config(page_title="Datasets", page_icon="🗂️", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 ss = st.session_state
 st.title("Datasets")

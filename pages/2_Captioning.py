@@ -9,8 +9,10 @@ from zimage.data.manage import dataset_rows
 from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.users import current_user
+from zimage.views import keep_user_name
 
 st.set_page_config(page_title="Captioning", page_icon="📝", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)  # queued jobs start even when nobody opened Home in this server process
 ss = st.session_state

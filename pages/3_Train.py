@@ -8,13 +8,14 @@ from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.system import gpus
 from zimage.users import current_user
-from zimage.views import charts, open_registry, presets, shown_errors
+from zimage.views import charts, keep_user_name, open_registry, page_link, presets, shown_errors
 from zimage.views import launch as lv
 from zimage.views import train_form as tf
 from zimage.views.memory import memory_view
 from zimage.views.runs import run_label
 
 st.set_page_config(page_title="Train", page_icon="🏋️", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
@@ -89,7 +90,7 @@ if "tr_msg" in ss:
     kind, text = ss.pop("tr_msg")
     getattr(st, kind)(text)
     if kind == "success" and ss.get("tr_launched"):
-        st.markdown(f"[Watch it on the Runs page](Runs?run={ss['tr_launched']})")
+        page_link(st, "pages/4_Runs.py", "Watch it on the Runs page", {"run": ss["tr_launched"]})
 
 values = tf.read_values(ss)
 problems, resolved = tf.check(values, settings, busy)

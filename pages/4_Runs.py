@@ -5,10 +5,11 @@ import streamlit as st
 from zimage import jobs, registry
 from zimage.errors import UserError
 from zimage.settings import get_settings
-from zimage.views import open_registry, shown_errors
+from zimage.views import keep_user_name, open_registry, page_link, shown_errors
 from zimage.views import runs as rv
 
 st.set_page_config(page_title="Runs", page_icon="📈", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
@@ -121,5 +122,8 @@ def live() -> None:
 
 
 live()
-st.markdown(f"[Clone these settings on the Train page](Train?clone={run_id}) · "
-            f"[Compare with other runs](Compare?runs={run_id})")  # fmt: skip
+left, right = st.columns(2)
+with left:
+    page_link(st, "pages/3_Train.py", "Clone these settings on the Train page", {"clone": run_id})
+with right:
+    page_link(st, "pages/5_Compare.py", "Compare with other runs", {"runs": run_id})

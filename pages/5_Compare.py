@@ -7,11 +7,12 @@ from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.users import current_user
 from zimage.views import compare as cv
-from zimage.views import open_registry, shown_errors
+from zimage.views import keep_user_name, open_registry, shown_errors
 from zimage.views.format import fraction, progress_text
 from zimage.views.runs import thumbnail
 
 st.set_page_config(page_title="Compare", page_icon="⚖️", layout="wide")
+keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state

@@ -148,6 +148,16 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         assert (config["lora_rank"], config["learning_rate"], config["num_steps"]) == (4, 0.02, STEPS)
         shot(page, "train", shots)
 
+        # Links between pages keep the browser session: the name typed on Train is still there on Compare,
+        # after Runs, a page without a name field
+        page.get_by_role("link", name="Watch it on the Runs page").click()
+        page.wait_for_url(re.compile(rf"/Runs\?run={re.escape(second)}"))
+        page.get_by_role("link", name="Compare with other runs").click()
+        page.wait_for_url(re.compile(r"/Compare\?runs="))
+        name_field = page.get_by_label("Your name (recorded on the jobs you start)")
+        name_field.wait_for()
+        assert name_field.input_value() == "e2e"
+
         # 3. Home: the queue while the runs wait or train
         page.goto(url)
         page.get_by_text("Queue", exact=True).wait_for()

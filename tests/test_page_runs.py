@@ -131,6 +131,10 @@ def test_finished_run_samples_checkpoints_download(home):
     at = page("r-done")
     assert not at.exception
     assert at.get("progress")[0].proto.text == "step 100 / 100 (100%) · completed"
+    # AppTest runs the page on its own, where st.page_link cannot resolve pages: plain links stand in
+    links = [m.value for m in at.markdown]
+    assert "[Clone these settings on the Train page](Train?clone=r-done)" in links
+    assert "[Compare with other runs](Compare?runs=r-done)" in links
     assert buttons(at)["Stop"] is False and buttons(at)["Resume"] is False
     download = at.get("download_button")[0]
     assert not download.proto.disabled and download.proto.label == "Download LoRA"

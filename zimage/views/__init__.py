@@ -15,11 +15,39 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlencode
 
 from zimage.errors import UserError
 from zimage.settings import Settings
 
 log = logging.getLogger("zimage.views")
+
+
+def keep_user_name(session_state) -> None:
+    """Keep the name typed in the sidebar while people move between pages.
+
+    Streamlit forgets a widget's value after a run of a page that does not show that widget (Runs has no
+    name field). Setting the key again at the top of every page turns it into plain session state for
+    that run, so it survives; the sidebar field of the next page picks it up.
+    """
+    if "user_name" in session_state:
+        session_state["user_name"] = session_state["user_name"]
+
+
+def page_link(st, page: str, label: str, query_params: dict[str, str]) -> None:
+    """A link to another page of the app, given the page's `st` module (this package imports no streamlit).
+
+    st.page_link keeps the browser session, so a name typed in the sidebar survives the move; a plain
+    markdown link would reload the app. Where Streamlit cannot resolve the page (a page script run on its
+    own, as AppTest runs it) the plain link stands in.
+    """
+    try:
+        st.page_link(page, label=label, query_params=query_params)
+    except st.errors.StreamlitAPIException:
+        url_name = page.rsplit("/", 1)[-1].removesuffix(".py").split("_", 1)[-1]
+        st.markdown(f"[{label}]({url_name}?{urlencode(query_params)})")
+
+
 REGISTRY_WAIT_S = 8.0  # a page waits this long for the app's scheduler to open the registry
 
 
