@@ -86,14 +86,17 @@ class BareLoop:
         # The optimizer itself, not accelerate's wrapper: the bare loop does nothing but the maths.
         self.model, self.optimizer = trainer.transformer, trainer.optimizer.optimizer
         gen = torch.Generator().manual_seed(0)
+        dev = trainer.device
+        self.sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # the trainer reads its loss
         self.inputs = []
         for _ in range(steps):
             batch = trainer.sampler.next_batch()
             x0 = torch.stack([trainer.features.latents[i] for i in batch])
             noise = torch.randn(x0.shape, generator=gen)
             sigmas = sample_sigmas(len(batch), "sigmoid", generator=gen)
-            text = [trainer.features.text[trainer.training_set.items[i].caption] for i in batch]
-            self.inputs.append((zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text, x0 - noise))
+            text = [trainer.features.text[trainer.training_set.items[i].caption].to(dev) for i in batch]
+            x_t = zimage_math.noisy_latents(x0, noise, sigmas)
+            self.inputs.append((x_t.to(dev), sigmas.to(dev), text, (x0 - noise).to(dev)))
 
     def run(self, n: int) -> list[float]:
         """n forward + backward + optimizer steps; seconds from each step's end to the next one's.
@@ -110,6 +113,7 @@ class BareLoop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             del pred, loss
+            self.sync()
             ends.append(time.perf_counter())
         return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
