@@ -104,3 +104,25 @@ def test_the_lean_step_trains_exactly_like_the_general_one(tmp_path, tiny_model_
     assert lean_weights.keys() == general_weights.keys() and lean_weights
     for name, value in lean_weights.items():
         torch.testing.assert_close(value, general_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_overhead_benchmark_runs_end_to_end():
+    """benchmarks/train_overhead.py (issue 3's figures) on a few steps: it runs and prints sane numbers."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(script), "--steps", "6", "--block", "3", "--resolution", "256"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = re.search(r"warm/cold ([\d.]+)", proc.stdout)
+    ratio = re.search(
+        r"256 px: trainer [\d.]+ steps/s .* ratio ([\d.]+) \(target >= 0.95; median of 2 block", proc.stdout
+    )
+    assert first and ratio, proc.stdout
+    assert 0 < float(first.group(1)) < 1 and 0.3 < float(ratio.group(1)) < 3
+    assert "encoded latents=0 captions=0, loaded vae=False text_encoder=False" in proc.stdout
