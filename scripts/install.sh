@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q)
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  torch_spec=${ZIMAGE_TORCH:-"torch>=2.6"}
+  torch_spec=${ZIMAGE_TORCH:-"torch>=2.4"}
 else
   torch_spec=${ZIMAGE_TORCH:-"torch==2.13.0"}
 fi
