@@ -80,9 +80,9 @@ def _train(settings, general: bool, steps: int = 4) -> tuple[list[float], dict[s
     config = fast_config(num_steps=steps, max_grad_norm=0.05, learning_rate=5e-3, output_name=f"fast{int(general)}")
     trainer = LoraTrainer(validate_config(build_config(config), settings, CPU), settings)
     trainer.setup()
-    assert trainer._lean and trainer.flat_grads is not None  # this config takes the lean path by default
+    assert trainer._lean and trainer.stepper.flat is not None  # this config takes the lean path by default
     if general:  # accelerate's accumulate() + backward() and torch's clip_grad_norm_, as multi-GPU runs do
-        trainer._lean, trainer.flat_grads = False, None
+        trainer._lean, trainer.stepper.flat = False, None
     norms = []
     for _ in range(steps):
         loss, norm = trainer.train_step()

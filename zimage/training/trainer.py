@@ -23,7 +23,7 @@ from zimage.training import lora_io, zimage_math
 from zimage.training.distributed import make_accelerator
 from zimage.training.features import Features, prepare_features
 from zimage.training.model_setup import ADAPTER_NAME, target_regex  # noqa: F401 - part of this module's API
-from zimage.training.optim import FlatGradients, build_optimizer
+from zimage.training.optim import OptimizerStep, build_optimizer
 from zimage.training.reporting import Reporter, memory_figures
 from zimage.training.timesteps import loss_weights, sample_sigmas
 
@@ -122,16 +122,11 @@ class LoraTrainer:
         )
         if self.text_lora is not None:
             self.text_encoder = self.accelerator.prepare_model(self.text_lora.encoder)
-        from accelerate.utils import DistributedType
-
-        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        self._accelerate_clips = self.accelerator.scaler is not None or sharded
+        self.stepper = OptimizerStep(self.accelerator, self.optimizer, self.lr_scheduler, self.params,
+                                     lora=c.training_type == "lora")  # fmt: skip
         # One process, one micro-batch, no GradScaler: a step is just the maths, without accelerate's
         # per-step bookkeeping (its accumulate() context and loss division cost ~0.1 ms on a small step).
-        single = self.accelerator.num_processes == 1 and not self._accelerate_clips
-        self._lean = single and c.gradient_accumulation == 1
-        flat = single and c.training_type == "lora" and FlatGradients.fits(self.params)
-        self.flat_grads = FlatGradients(self.params) if flat else None
+        self._lean = self.stepper.single and c.gradient_accumulation == 1
         # Everything random in the loop draws from these, so a resume can restore them exactly.
         self.sampler = BucketBatchSampler(
             [it.bucket for it in self.training_set.items],
@@ -248,13 +243,12 @@ class LoraTrainer:
         """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm)."""
         c, acc = self.config, self.accelerator
         self._reseed()
-        if self.flat_grads is not None:
-            self.flat_grads.attach()
+        self.stepper.before_backward()
         if self._lean:
             loss = self._loss(self.sampler.next_batch())
             loss.backward()
-            grad_norm = self._clip_gradients(c.max_grad_norm or math.inf)
-            self._optimizer_step()
+            grad_norm = self.stepper.clip(c.max_grad_norm or math.inf)
+            self.stepper.step()
             return loss.item(), float(grad_norm)
         total, grad_norm = None, math.nan
         for _ in range(c.gradient_accumulation):
@@ -262,38 +256,11 @@ class LoraTrainer:
                 loss = self._loss(self.sampler.next_batch())
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    grad_norm = self._clip_gradients(c.max_grad_norm or math.inf)
-                    self._optimizer_step()
+                    grad_norm = self.stepper.clip(c.max_grad_norm or math.inf)
+                    self.stepper.step()
             total = loss.detach() if total is None else total + loss.detach()
         mean = (acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total) / c.gradient_accumulation
         return float(mean), float(grad_norm)
-
-    def _clip_gradients(self, max_norm: float) -> torch.Tensor | float:
-        """Clip to max_norm and return the norm before clipping (inf: measure only)."""
-        if self._accelerate_clips:
-            return self.accelerator.clip_grad_norm_(self.params, max_norm)  # unscales fp16 / sharded grads first
-        if self.flat_grads is not None:
-            return self.flat_grads.clip_(max_norm)
-        # Plain (and DDP) gradients: torch directly, skipping accelerate's per-call DTensor checks.
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-
-    def _optimizer_step(self) -> None:
-        """Optimizer and LR scheduler step, once the gradients are complete."""
-        # accelerate's wrappers look up installed packages and GradScaler state on every step (about 1 ms, a
-        # few percent of a small step); without a GradScaler (fp16) they have nothing else to do, so step
-        # directly. A prepared scheduler steps once per process (see _scheduler).
-        if self.accelerator.scaler is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
-            return
-        self.optimizer.optimizer.step()
-        if self.flat_grads is not None:
-            self.flat_grads.zero_()
-        else:
-            self.optimizer.optimizer.zero_grad(set_to_none=True)
-        for _ in range(self.accelerator.num_processes):
-            self.lr_scheduler.scheduler.step()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stop_requested:
@@ -415,5 +382,5 @@ class LoraTrainer:
         self.events.free()
         if getattr(self, "accelerator", None) is not None:
             self.accelerator.free_memory()
-        self.transformer = self.optimizer = self.lr_scheduler = None
+        self.transformer = self.optimizer = self.lr_scheduler = self.stepper = None
         free_memory()
