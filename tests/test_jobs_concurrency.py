@@ -9,7 +9,7 @@ import time
 import pytest
 
 from zimage import registry as R
-from zimage.jobs import enqueue
+from zimage.jobs import enqueue, registry_for
 from zimage.jobs.launcher import process_alive
 from zimage.jobs.scheduler import ensure_scheduler, stop_all
 from zimage.jobs.slots import SlotConfig
@@ -32,6 +32,7 @@ def test_four_writers_and_eight_readers(zhome):
         for i in range(4)
     ]
     sched = ensure_scheduler(zhome, slots=SlotConfig(("0", "1", "2", "3")), tick=0.5, rescan=3.0)
+    reg = registry_for(zhome)
     errors: list[BaseException] = []
     counts = [0] * 8
     stop_at = time.monotonic() + POLL_SECONDS
@@ -41,14 +42,14 @@ def test_four_writers_and_eight_readers(zhome):
         while time.monotonic() < stop_at:
             try:
                 run_id = rng.choice(ids)
-                R.list_runs(zhome)
-                R.list_runs(zhome, state="running", user="user1", text="writer")
-                series = R.metric_series(zhome, run_id, ["loss", "lr"], max_points=300)
+                R.list_runs(reg)
+                R.list_runs(reg, state="running", user="user1", text="writer")
+                series = R.metric_series(reg, run_id, ["loss", "lr"], max_points=300)
                 assert (series.groupby("metric").size() <= 300).all()
-                R.samples(zhome, run_id)
-                R.queue(zhome)
-                R.run_detail(zhome, run_id)
-                R.config_diff(zhome, ids[:2])
+                R.samples(reg, run_id)
+                R.queue(reg)
+                R.run_detail(reg, run_id)
+                R.config_diff(reg, ids[:2])
                 counts[n] += 1
             except BaseException as exc:  # noqa: BLE001 - every failure is reported below
                 errors.append(exc)

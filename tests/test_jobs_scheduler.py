@@ -10,7 +10,7 @@ import time
 import pytest
 
 from zimage import registry as R
-from zimage.jobs import control, enqueue
+from zimage.jobs import control, enqueue, registry_for
 from zimage.jobs.launcher import process_alive
 from zimage.jobs.owner import OwnerLock
 from zimage.jobs.scheduler import Scheduler, ensure_scheduler, stop_all
@@ -210,7 +210,7 @@ def test_one_scheduler_per_host_and_the_app_takes_over_from_a_worker(zhome, monk
         assert app.ready.wait(20), app.status()  # the worker handed the registry over
         assert json.loads((zhome.registry_dir / "scheduler.json").read_text())["role"] == "app"
         assert worker.poll() is None  # it waits in standby
-        assert list(R.queue(zhome)["run_id"]) == [queued]  # pages read through the app's registry
+        assert list(R.queue(registry_for(zhome))["run_id"]) == [queued]  # pages read through the app's registry
         assert db_state(app, queued) == "queued"  # ZIMAGE_SCHEDULER_LAUNCH=0: ingest only
         stop_all()
         wait_for(lambda: (read_json(zhome.registry_dir / "scheduler.json", {}) or {}).get("pid") == worker.pid, 20,

@@ -11,7 +11,8 @@ import duckdb
 import pytest
 
 from zimage.data.folders import DatasetFolder, DatasetInfo
-from zimage.registry import RegistryError, rebuild
+from zimage.jobs import rebuild
+from zimage.registry import RegistryError
 from zimage.registry.db import Registry
 from zimage.registry.ingest import Ingester
 from zimage.registry.schema import SCHEMA_VERSION, TABLES

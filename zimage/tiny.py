@@ -9,8 +9,6 @@ code written against it runs unchanged on the real weights. Same seed -> byte-id
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,19 +142,14 @@ def build_tiny_pipeline(seed: int = 0):
 def write_folder_atomically(target: Path, marker: str, fill: Callable[[Path], None]) -> bool:
     """Fill a sibling temp folder with `fill(tmp)` and rename it to `target`, so the folder appears whole or
     not at all. Returns False (writing nothing) when `target/marker` already exists."""
+    from zimage.fsio import atomic_folder
+
     target = Path(target)
     if (target / marker).exists():
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # overwrite: an empty or broken leftover without the marker file is replaced
+    with atomic_folder(target, overwrite=True, fsync=False) as tmp:
         fill(tmp)
-        if target.exists():  # an empty or broken leftover without the marker file
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return True
 
 

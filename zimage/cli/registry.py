@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run_rebuild(args) -> int:
-    from zimage.registry import rebuild
+    from zimage.jobs import rebuild
     from zimage.settings import get_settings
 
     counts = rebuild(get_settings().ensure(), timeout=args.timeout)

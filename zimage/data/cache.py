@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from zimage.fsio import atomic_path, write_json
 
 CACHE_FORMAT = 1  # bump when what is stored changes meaning
 _EDGE = 64 * 1024  # bytes hashed from each end of a weight file
@@ -104,15 +104,8 @@ class FeatureCache:
 
     def save(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> Path:
         path = self._path(kind, key, ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     def load_probe(self, image_sha256: str) -> tuple[int, int] | None:
@@ -124,6 +117,4 @@ class FeatureCache:
             return None
 
     def save_probe(self, image_sha256: str, size: tuple[int, int]) -> None:
-        from zimage.data.folders import atomic_write_text
-
-        atomic_write_text(self._path("probe", image_sha256, ".json"), json.dumps({"width": size[0], "height": size[1]}))
+        write_json(self._path("probe", image_sha256, ".json"), {"width": size[0], "height": size[1]})

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from zimage.data.images import is_image_name
 from zimage.errors import UserError
+from zimage.fsio import atomic_write, write_json
 
 DATASET_TYPES = ("character", "style", "concept")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -38,21 +38,7 @@ def check_slug(name: str, what: str = "name") -> str:
     return name
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so readers see the old or the new content, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+atomic_write_text = atomic_write  # TEMPORARY alias while the workers move to zimage.fsio; removed after
 
 
 @dataclass
@@ -99,6 +85,11 @@ class DatasetFolder:
     def info_path(self) -> Path:
         return self.path / "dataset.json"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Per-dataset cache folder (hidden, so it never shows up as data): hashes, thumbnails."""
+        return self.path / ".cache"
+
     def exists(self) -> bool:
         return self.info_path.exists()
 
@@ -109,7 +100,7 @@ class DatasetFolder:
 
     def write_info(self, info: DatasetInfo) -> None:
         info.num_images = len(self.items())
-        atomic_write_text(self.info_path, json.dumps(asdict(info), indent=2) + "\n")
+        write_json(self.info_path, asdict(info))
 
     def items(self) -> list[DatasetItem]:
         """Images (by extension) in name order, with their same-stem caption paths.

@@ -15,8 +15,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from zimage.data.folders import DATASET_TYPES, DatasetFolder, DatasetInfo, DatasetItem, atomic_write_text, check_slug
+from zimage.data.folders import DATASET_TYPES, DatasetFolder, DatasetInfo, DatasetItem, check_slug
 from zimage.errors import UserError
+from zimage.fsio import atomic_write
 from zimage.settings import Settings
 
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
@@ -173,7 +174,7 @@ def clean_caption(text: str) -> str:
 def write_caption(folder: DatasetFolder, image_name: str, text: str) -> Path:
     """Save the caption of one image (atomically); returns the caption path."""
     item = find_item(folder, image_name)
-    atomic_write_text(item.caption_path, clean_caption(text) + "\n")
+    atomic_write(item.caption_path, clean_caption(text) + "\n")
     return item.caption_path
 
 
@@ -255,15 +256,11 @@ def bulk_edit_captions(
         if text != before:
             changes.append(CaptionChange(item.image.name, before, text))
             if not dry_run:
-                atomic_write_text(item.caption_path, text + "\n")
+                atomic_write(item.caption_path, text + "\n")
     return changes
 
 
 # -- content hashes (duplicates) ------------------------------------------------------------------
-def cache_dir(folder: DatasetFolder) -> Path:
-    """Per-dataset cache folder (hidden, so it never shows up as data)."""
-    return folder.path / ".cache"
-
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -275,7 +272,7 @@ def file_sha256(path: Path) -> str:
 
 def image_hashes(folder: DatasetFolder) -> dict[str, str]:
     """sha256 of every image file, by file name. Cached by (size, mtime), so only changed files are re-read."""
-    cache_path = cache_dir(folder) / "hashes.json"
+    cache_path = folder.cache_dir / "hashes.json"
     try:
         cached = json.loads(cache_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -290,7 +287,7 @@ def image_hashes(folder: DatasetFolder) -> dict[str, str]:
         out[item.image.name] = digest
     if fresh != cached:
         try:
-            atomic_write_text(cache_path, json.dumps(fresh))
+            atomic_write(cache_path, json.dumps(fresh))
         except OSError:  # a read-only dataset still works, just without the cache
             pass
     return out

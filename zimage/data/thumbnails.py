@@ -7,15 +7,13 @@ so a replaced or edited image gets a new thumbnail and only its own stale one is
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from zimage.data.folders import DatasetFolder
 from zimage.data.images import ImageProblem, open_rgb
-from zimage.data.manage import cache_dir
+from zimage.fsio import atomic_path
 
 THUMB_SIZE = 256
 
@@ -25,7 +23,7 @@ def _name_key(image_name: str) -> str:
 
 
 def thumbnails_dir(folder: DatasetFolder) -> Path:
-    return cache_dir(folder) / "thumbnails"
+    return folder.cache_dir / "thumbnails"
 
 
 def thumbnail_path(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE) -> Path:
@@ -60,15 +58,8 @@ def write_thumbnail(image: Path, target: Path, size: int = THUMB_SIZE, quality: 
     except ImageProblem:
         return None
     rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".thumb-", suffix=".jpg", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            rgb.save(fh, format="JPEG", quality=quality)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target, fsync=False) as tmp:  # a thumbnail is rebuilt if lost: no fsync
+        rgb.save(tmp, format="JPEG", quality=quality)
     return target
 
 

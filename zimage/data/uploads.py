@@ -15,7 +15,6 @@ import io
 import os
 import re
 import stat
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -24,9 +23,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
-from zimage.data.folders import DatasetFolder, atomic_write_text
+from zimage.data.folders import DatasetFolder
 from zimage.data.manage import clean_caption, image_hashes, image_root, refresh_count
 from zimage.errors import UserError
+from zimage.fsio import atomic_write, fsync_file, place, temp_file
 
 # PIL format name -> the extension the stored file gets (a JPEG named .png is stored as .jpg).
 FORMAT_EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
@@ -186,25 +186,20 @@ def _store(folder: DatasetFolder, stem: str, ext: str, data: bytes) -> str:
     """Write `data` under a fresh `<stem>[-n]<ext>` name; never overwrites. Returns the stored name."""
     root = image_root(folder)
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with temp_file(root, prefix=".upload-") as tmp:  # published under the first free name below
+        tmp.write_bytes(data)
+        fsync_file(tmp)
         taken = _taken_stems(folder)
         for n in range(1, 100_000):
             candidate = stem if n == 1 else f"{stem}-{n}"
             if candidate in taken:  # a caption or an image with another extension owns this stem
                 continue
             try:
-                os.link(tmp, root / f"{candidate}{ext}")  # fails if the name appeared meanwhile
+                place(tmp, root / f"{candidate}{ext}", overwrite=False)  # fails if the name appeared meanwhile
             except FileExistsError:
                 continue
             return f"{candidate}{ext}"
         raise Refusal("no free file name")  # pragma: no cover
-    finally:
-        os.unlink(tmp)
 
 
 def import_entries(
@@ -266,7 +261,7 @@ def import_entries(
             continue
         known.add(digest)
         if caption_text is not None:
-            atomic_write_text(image_root(folder) / f"{Path(stored).stem}.txt", caption_text + "\n")
+            atomic_write(image_root(folder) / f"{Path(stored).stem}.txt", caption_text + "\n")
         report.accepted.append(Accepted(entry.shown, stored, w, h, caption=caption_text is not None))
     for _rel, entry in captions.values():
         report.refuse(entry.shown, "caption without an image of the same name; not added")

@@ -7,6 +7,8 @@ Pages and the CLI call these functions; none of them needs the registry database
                                            queued job cancels it; resume on a stopped/lost run requeues it)
     cancel / move_up / move_down / delete_run(settings, run_id)
     ensure_scheduler(settings)             start this host's scheduler thread once (app)
+    registry_for(settings)                 the app's registry for the query functions of zimage.registry
+    rebuild(settings)                      `zimage registry rebuild`, whoever owns the registry now
 
 Workers, slots and the scheduler: launcher.py, slots.py (ZIMAGE_GPUS, ZIMAGE_JOBS_PER_GPU), scheduler.py
 (ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox), fake_worker.py (tests).
@@ -14,6 +16,7 @@ Workers, slots and the scheduler: launcher.py, slots.py (ZIMAGE_GPUS, ZIMAGE_JOB
 
 from zimage.jobs.actions import cancel, control, delete_run, move_down, move_up
 from zimage.jobs.queue import KINDS, JobError, enqueue, requeue
+from zimage.jobs.rebuilding import rebuild
 from zimage.jobs.users import os_user, resolve_user
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "move_down",
     "move_up",
     "os_user",
+    "rebuild",
+    "registry_for",
     "requeue",
     "resolve_user",
 ]
@@ -41,3 +46,10 @@ def ensure_scheduler(settings, **options):
     from zimage.jobs.scheduler import ensure_scheduler as _ensure
 
     return _ensure(settings, **options)
+
+
+def registry_for(settings, timeout: float = 15.0):
+    """This process's registry (a zimage.registry.Registry), starting the host's scheduler here if needed."""
+    from zimage.jobs.scheduler import registry_for as _registry_for
+
+    return _registry_for(settings, timeout)

@@ -1,6 +1,6 @@
 """Who runs this host's scheduler, and how other processes talk to it.
 
-- `registry/scheduler.lock` (fcntl, exclusive): held for its whole life by the one process that runs the
+- `registry/scheduler.lock` (a `filelock` lock: flock on POSIX, exclusive): held for its whole life by the one process that runs the
   scheduler and owns registry.duckdb: the app's background thread or `zimage worker`. The kernel drops
   it when that process dies, however it dies, so a crashed owner never blocks the next one.
 - `registry/scheduler.json`: who holds it (pid, role "app" | "worker", host, since), for messages.
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import secrets
@@ -19,8 +18,9 @@ import socket
 import time
 from pathlib import Path
 
-from zimage.data.folders import atomic_write_text
-from zimage.runfolder import read_json
+from filelock import FileLock, Timeout
+
+from zimage.fsio import read_json, write_json
 from zimage.settings import Settings
 
 
@@ -29,49 +29,42 @@ class OwnerLock:
         self.settings = settings
         self.path = settings.registry_dir / "scheduler.lock"
         self.info_path = settings.registry_dir / "scheduler.json"
-        self._fh = None
+        # thread_local=False: the scheduler thread takes it, and the process's shutdown may release it.
+        self._lock = FileLock(self.path, timeout=0, thread_local=False)
 
     @property
     def held(self) -> bool:
-        return self._fh is not None
+        return self._lock.is_locked
 
     def try_acquire(self, role: str) -> bool:
         """Take the lock if nobody holds it; never blocks."""
-        if self._fh is not None:
+        if self._lock.is_locked:
             return True
         self.settings.registry_dir.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 - kept open while held
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
+            self._lock.acquire(timeout=0)
+        except Timeout:
             return False
-        self._fh = fh
         info = {"pid": os.getpid(), "role": role, "host": socket.gethostname(), "since": time.time()}
-        atomic_write_text(self.info_path, json.dumps(info) + "\n")
+        write_json(self.info_path, info)
         return True
 
     def release(self) -> None:
-        if self._fh is None:
-            return
-        try:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            self._fh.close()
-            self._fh = None
+        if self._lock.is_locked:
+            self._lock.release(force=True)
 
     def owner(self) -> dict | None:
         """Who holds the lock now (None if nobody does)."""
-        if self._fh is not None:
+        if self._lock.is_locked:
             return read_json(self.info_path, {})
         if not self.path.exists():
             return None
-        with open(self.path, "a+") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return read_json(self.info_path, {}) or {"pid": None, "role": "unknown"}
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        probe = FileLock(self.path, timeout=0, thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return read_json(self.info_path, {}) or {"pid": None, "role": "unknown"}
+        probe.release(force=True)
         return None
 
 
@@ -91,7 +84,7 @@ def post_request(settings: Settings, action: str, **fields) -> str:
     req_id = f"{int(time.time() * 1000)}-{secrets.token_hex(4)}"
     inbox_dir(settings).mkdir(parents=True, exist_ok=True)
     body = {"id": req_id, "action": action, "pid": os.getpid(), "posted": time.time(), **fields}
-    atomic_write_text(inbox_dir(settings) / f"{req_id}.json", json.dumps(body) + "\n")
+    write_json(inbox_dir(settings) / f"{req_id}.json", body)
     return req_id
 
 
@@ -112,7 +105,7 @@ def take_requests(settings: Settings) -> list[dict]:
 def reply(settings: Settings, req_id: str, answer: dict) -> None:
     folder = inbox_dir(settings) / "replies"
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / f"{req_id}.json", json.dumps(answer, default=str) + "\n")
+    write_json(folder / f"{req_id}.json", json.loads(json.dumps(answer, default=str)))
 
 
 def wait_reply(settings: Settings, req_id: str, timeout: float) -> dict | None:

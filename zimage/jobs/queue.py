@@ -2,14 +2,13 @@
 
 A queued job is a run folder whose status.json says `state: "queued"`; its place in line is the number
 `queue_order` in that file. Every change to the line (enqueue, move up/down, cancel, the scheduler taking
-the head) happens under one host-wide lock file, `registry/queue.lock` (fcntl), so the app, the CLI and
+the head) happens under one host-wide lock file, `registry/queue.lock` (filelock), so the app, the CLI and
 `zimage worker` can all change the queue at the same time without a database and without losing a job.
 The registry database only mirrors these files.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from zimage.errors import UserError
 from zimage.runfolder import FINAL_STATES, RunFolder, read_json
@@ -63,12 +64,8 @@ def run_folder(settings: Settings, run_id: str) -> RunFolder:
 def queue_lock(settings: Settings) -> Iterator[None]:
     """Host-wide exclusive lock around every change to the queue (held for milliseconds)."""
     settings.registry_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.registry_dir / "queue.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with FileLock(settings.registry_dir / "queue.lock", thread_local=False):
+        yield
 
 
 def run_dirs(settings: Settings) -> list[Path]:

@@ -1,6 +1,7 @@
 """The registry: a DuckDB index (registry/registry.duckdb) of datasets, runs, metrics, samples and
-checkpoints, rebuilt from the folders at any time. Pages import the query functions from here; each
-takes a Registry or a Settings. See db.py for how the database is shared between processes.
+checkpoints, rebuilt from the folders at any time. Pages import the query functions from here; each takes a Registry
+(`zimage.jobs.registry_for(settings)` gives the app's). See db.py for how the database is shared between
+processes. This package never imports zimage.jobs: the scheduler uses the registry, not the other way.
 """
 
 from zimage.registry.db import Registry
@@ -18,7 +19,6 @@ from zimage.registry.queries import (
     sample_steps,
     samples,
 )
-from zimage.registry.rebuild import rebuild
 from zimage.registry.schema import SCHEMA_VERSION, RegistryError
 
 __all__ = [
@@ -34,16 +34,8 @@ __all__ = [
     "metric_series",
     "overview",
     "queue",
-    "rebuild",
-    "registry_for",
     "run_detail",
     "sample_steps",
     "samples",
 ]
 
-
-def registry_for(settings, timeout: float = 15.0) -> Registry:
-    """This process's registry (starts the host's scheduler here if needed)."""
-    from zimage.jobs.scheduler import registry_for as _registry_for
-
-    return _registry_for(settings, timeout)

@@ -1,6 +1,6 @@
-"""Read-only queries for the pages (Runs, Compare, Home). Plain functions; each takes a Registry or a
-Settings (then the process's own registry is used, starting this host's scheduler if needed) and returns
-plain data: pandas DataFrames for tables, dicts for one run. Paths come back absolute.
+"""Read-only queries for the pages (Runs, Compare, Home). Plain functions; each takes a Registry (a page
+gets the app's from `zimage.jobs.registry_for(settings)`) and returns plain data: pandas DataFrames for
+tables, dicts for one run. Paths come back absolute.
 
 Metric series are down-sampled in SQL: each (run, metric) series is cut into at most `max_points`
 buckets by step and each bucket keeps min, max and last value, so a loss spike survives the thinning.
@@ -10,27 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import pandas as pd
 
 from zimage.registry.db import Registry
 from zimage.registry.schema import METRIC_COLUMNS, RegistryError
 from zimage.runfolder import ACTIVE_STATES
-from zimage.settings import Settings
 
 
-def _reg(source: Registry | Settings) -> tuple[Registry, Settings | None]:
-    if isinstance(source, Registry):
-        return source, None
-    from zimage.jobs.scheduler import registry_for
-
-    return registry_for(source), source
-
-
-def _runs_dir(source: Registry | Settings):
-    if isinstance(source, Settings):
-        return source.runs_dir
-    return source.path.parent / "runs"
+def _runs_dir(reg: Registry) -> Path:
+    return reg.path.parent / "runs"
 
 
 def _as_list(value) -> list | None:
@@ -48,7 +38,7 @@ RUN_LIST_COLUMNS = (
 
 
 def list_runs(
-    source: Registry | Settings,
+    reg: Registry,
     state: str | Iterable[str] | None = None,
     user: str | Iterable[str] | None = None,
     dataset: str | Iterable[str] | None = None,
@@ -57,7 +47,6 @@ def list_runs(
     limit: int = 1000,
 ) -> pd.DataFrame:
     """Runs newest first, with a per-run summary (progress 0-1, last loss, ETA in seconds, paths)."""
-    reg, _ = _reg(source)
     where, params = [], []
     for column, value in (("state", state), ("user_name", user), ("dataset", dataset), ("kind", kind)):
         values = _as_list(value)
@@ -73,14 +62,13 @@ def list_runs(
     sql += " ORDER BY coalesce(created, started) DESC NULLS LAST, run_id DESC LIMIT ?"
     df = reg.fetch_df(sql, params + [int(limit)])
     if not df.empty:
-        runs_dir = _runs_dir(source)
+        runs_dir = _runs_dir(reg)
         df["run_dir"] = [str(runs_dir / r) for r in df["run_id"]]
     return df
 
 
-def run_detail(source: Registry | Settings, run_id: str) -> dict | None:
+def run_detail(reg: Registry, run_id: str) -> dict | None:
     """Everything the registry knows about one run: columns, parsed config and status, run_dir."""
-    reg, _ = _reg(source)
     with reg.read() as cur:
         res = cur.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])
         cols = [d[0] for d in res.description]
@@ -90,15 +78,14 @@ def run_detail(source: Registry | Settings, run_id: str) -> dict | None:
     out = dict(zip(cols, row, strict=True))
     out["config"] = json.loads(out["config"]) if out.get("config") else {}
     out["status"] = json.loads(out["status"]) if out.get("status") else {}
-    out["run_dir"] = str(_runs_dir(source) / run_id)
+    out["run_dir"] = str(_runs_dir(reg) / run_id)
     if out.get("last_sample_path"):
-        out["last_sample_path"] = str(_runs_dir(source) / run_id / out["last_sample_path"])
+        out["last_sample_path"] = str(_runs_dir(reg) / run_id / out["last_sample_path"])
     return out
 
 
-def filter_choices(source: Registry | Settings) -> dict[str, list[str]]:
+def filter_choices(reg: Registry) -> dict[str, list[str]]:
     """Distinct states, users, datasets and kinds, for the filter widgets."""
-    reg, _ = _reg(source)
     out = {}
     for key, column in (("state", "state"), ("user", "user_name"), ("dataset", "dataset"), ("kind", "kind")):
         out[key] = [
@@ -108,14 +95,13 @@ def filter_choices(source: Registry | Settings) -> dict[str, list[str]]:
 
 
 def metric_series(
-    source: Registry | Settings,
+    reg: Registry,
     run_ids: str | Sequence[str],
     metrics: str | Sequence[str] = ("loss",),
     max_points: int = 500,
 ) -> pd.DataFrame:
     """Down-sampled series: one row per (run_id, metric, bucket) with columns step (last step in the
     bucket), step_first, min, max, last, n. At most `max_points` rows per series, in step order."""
-    reg, _ = _reg(source)
     ids = _as_list(run_ids) or []
     names = _as_list(metrics) or []
     bad = [m for m in names if m not in METRIC_COLUMNS]
@@ -143,9 +129,8 @@ def metric_series(
     return reg.fetch_df(sql, times + ids + [int(max_points), int(max_points)])
 
 
-def samples(source: Registry | Settings, run_id: str, step: int | None = None) -> pd.DataFrame:
+def samples(reg: Registry, run_id: str, step: int | None = None) -> pd.DataFrame:
     """Sample images of a run (optionally of one step), in step order; `path` is absolute."""
-    reg, _ = _reg(source)
     sql = "SELECT step, prompt, seed, path, extra, line FROM samples WHERE run_id = ?"
     params: list = [run_id]
     if step is not None:
@@ -153,26 +138,24 @@ def samples(source: Registry | Settings, run_id: str, step: int | None = None) -
         params.append(int(step))
     df = reg.fetch_df(sql + " ORDER BY step, line", params)
     if not df.empty:
-        base = _runs_dir(source) / run_id
+        base = _runs_dir(reg) / run_id
         df["path"] = [str(base / p) for p in df["path"]]
     return df
 
 
-def sample_steps(source: Registry | Settings, run_id: str) -> list[int]:
+def sample_steps(reg: Registry, run_id: str) -> list[int]:
     """The steps at which a run wrote samples (for a step slider)."""
-    reg, _ = _reg(source)
     return [r[0] for r in reg.fetch("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step", [run_id])]
 
 
-def checkpoints(source: Registry | Settings, run_id: str) -> pd.DataFrame:
+def checkpoints(reg: Registry, run_id: str) -> pd.DataFrame:
     """A run's checkpoints (name, step, absolute path, size in bytes, mtime), oldest step first."""
-    reg, _ = _reg(source)
     df = reg.fetch_df(
         "SELECT name, step, path, size, mtime FROM checkpoints WHERE run_id = ? ORDER BY step NULLS LAST, name",
         [run_id],
     )
     if not df.empty:
-        base = _runs_dir(source) / run_id
+        base = _runs_dir(reg) / run_id
         df["path"] = [str(base / p) for p in df["path"]]
     return df
 
@@ -188,10 +171,9 @@ def _flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(source: Registry | Settings, run_ids: Sequence[str], all_keys: bool = False) -> pd.DataFrame:
+def config_diff(reg: Registry, run_ids: Sequence[str], all_keys: bool = False) -> pd.DataFrame:
     """Config keys (nested keys joined by '.') as rows, one column per run; by default only the keys
     whose values differ. Missing keys show as None."""
-    reg, _ = _reg(source)
     ids = list(run_ids)
     if not ids:
         return pd.DataFrame()
@@ -211,9 +193,8 @@ def config_diff(source: Registry | Settings, run_ids: Sequence[str], all_keys: b
     return df
 
 
-def queue(source: Registry | Settings) -> pd.DataFrame:
+def queue(reg: Registry) -> pd.DataFrame:
     """Queued jobs in the order they will start (position 1 starts next), then the ones running now."""
-    reg, _ = _reg(source)
     active = ", ".join(f"'{s}'" for s in ACTIVE_STATES)
     return reg.fetch_df(
         f"""SELECT CASE WHEN state = 'queued' THEN row_number() OVER (
@@ -224,22 +205,21 @@ def queue(source: Registry | Settings) -> pd.DataFrame:
     )
 
 
-def list_jobs(source: Registry | Settings, kind: str | Iterable[str] | None = None, limit: int = 500) -> pd.DataFrame:
-    """Jobs that are not training runs (captioning, test grids, fake), newest first."""
-    from zimage.jobs.queue import KINDS
+def list_jobs(reg: Registry, kind: str | Iterable[str] | None = None, limit: int = 500) -> pd.DataFrame:
+    """Jobs that are not training runs (captioning, test grids), newest first."""
+    wanted = _as_list(kind) or [k for (k,) in reg.fetch("SELECT DISTINCT kind FROM runs") if k and k != "train"]
+    if not wanted:
+        return list_runs(reg, kind=["\x00none"], limit=limit)  # an empty frame with the usual columns
+    return list_runs(reg, kind=wanted, limit=limit)
 
-    return list_runs(source, kind=_as_list(kind) or [k for k in KINDS if k != "train"], limit=limit)
 
-
-def datasets(source: Registry | Settings) -> pd.DataFrame:
+def datasets(reg: Registry) -> pd.DataFrame:
     """Datasets with their image and caption counts (from dataset.json and the images folder)."""
-    reg, _ = _reg(source)
     return reg.fetch_df("SELECT * FROM datasets ORDER BY name")
 
 
-def overview(source: Registry | Settings) -> dict:
+def overview(reg: Registry) -> dict:
     """Counts for the Home page: runs per state, queue length, running now, datasets."""
-    reg, _ = _reg(source)
     per_state = dict(reg.fetch("SELECT state, count(*) FROM runs GROUP BY state"))
     return {
         "runs": sum(per_state.values()),

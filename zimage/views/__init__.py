@@ -53,7 +53,7 @@ REGISTRY_WAIT_S = 8.0  # a page waits this long for the app's scheduler to open 
 
 def open_registry(settings: Settings, timeout: float = REGISTRY_WAIT_S):
     """This app's registry (starting the host's scheduler if needed); a UserError says why it is not ready."""
-    from zimage.registry import registry_for
+    from zimage.jobs import registry_for
 
     try:
         return registry_for(settings, timeout=timeout)

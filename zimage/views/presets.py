@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from zimage.config import PRESETS, ConfigError, TrainingConfig, config_from_dict
-from zimage.data.folders import BadName, atomic_write_text, check_slug
+from zimage.data.folders import BadName, check_slug
 from zimage.errors import UserError
+from zimage.fsio import write_json
 from zimage.settings import Settings
 from zimage.views.train_form import complete_values
 
@@ -87,7 +88,7 @@ def save_preset(settings: Settings, name: str, values: Mapping[str, Any], overwr
         config_from_dict(data)
     except ConfigError as exc:
         raise PresetError(f"preset {name!r} not saved: {exc}") from None
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_json(path, data)
     return path
 
 
