@@ -1,21 +1,99 @@
-"""Where the studio keeps its data: one object, overridable by the ZIMAGE_HOME environment variable.
+"""Where the studio keeps its data, and what the admin set for that home.
 
-A team server keeps datasets, models and the registry on a big disk (ZIMAGE_HOME=/data/zimage); tests
-point it at a temp folder. Without ZIMAGE_HOME the project folder itself is the home.
+`ZIMAGE_HOME` names the home. Without it (DESIGN.md section 2):
+- in a checkout (the package sits in a clone with pyproject.toml and Home.py beside it, as `pip install -e`
+  leaves it) the clone's folder is the home, so `zimage demo` and the app find the same data;
+- for an installed wheel (the package lives in site-packages) the user data folder is the home
+  (platformdirs: `~/.local/share/zimage-lora-studio` on Linux), never site-packages itself.
+`zimage info` prints which one applies and why.
+
+`ZIMAGE_HOME/settings.toml` holds what an admin sets for the home (DESIGN.md section 8). It is optional
+and empty by default; one schema (`HomeSettings`, pydantic, unknown keys refused), read in one place
+(`Settings.home_settings()`), and later work adds its sections there (auth, launcher, limits).
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zimage.errors import UserError
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+APP_NAME = "zimage-lora-studio"
+SETTINGS_FILE = "settings.toml"
 
 
+def is_checkout(folder: Path = PACKAGE_PARENT) -> bool:
+    """True when `folder` is a clone of the project (not site-packages): it holds the app and its build file."""
+    return (folder / "pyproject.toml").is_file() and (folder / "Home.py").is_file()
+
+
+def default_home() -> tuple[Path, str]:
+    """(home, why) when ZIMAGE_HOME is not set."""
+    if is_checkout():
+        return PACKAGE_PARENT, f"ZIMAGE_HOME is not set and zimage runs from the checkout {PACKAGE_PARENT}"
+    from platformdirs import user_data_path
+
+    path = user_data_path(APP_NAME, appauthor=False)
+    return path, f"ZIMAGE_HOME is not set and zimage is an installed package: the user data folder {path}"
+
+
+# -- settings.toml -----------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerSettings(_Section):
+    """GPU slots of this host's scheduler. ZIMAGE_GPUS / ZIMAGE_JOBS_PER_GPU in the environment win."""
+
+    gpus: str | None = None  # "0,1", or "none" for CPU only; unset: every GPU nvidia-smi lists
+    jobs_per_gpu: int = Field(default=1, ge=1, le=64)  # jobs that share one GPU
+
+
+class HomeSettings(_Section):
+    """The whole of settings.toml; every section and field optional."""
+
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+
+
+class SettingsFileError(UserError):
+    """settings.toml cannot be read or breaks the schema; the message names the file and the field."""
+
+
+def read_home_settings(path: Path) -> HomeSettings:
+    """The settings in `path`; a missing file gives the defaults, a bad one a SettingsFileError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return HomeSettings()
+    except OSError as exc:
+        raise SettingsFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsFileError(f"{path}: not valid TOML ({exc})") from None
+    try:
+        return HomeSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsFileError(f"{path}: {problems}") from None
+
+
+_cache: dict[Path, tuple[tuple[int, int] | None, HomeSettings]] = {}
+
+
+# -- the home ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Settings:
     home: Path
+    why: str = ""  # how the home was chosen (for `zimage info`)
 
     @property
     def datasets_dir(self) -> Path:
@@ -61,6 +139,25 @@ class Settings:
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def settings_path(self) -> Path:
+        return self.home / SETTINGS_FILE
+
+    def home_settings(self) -> HomeSettings:
+        """settings.toml of this home, re-read only when the file changed (SettingsFileError if it is bad)."""
+        path = self.settings_path
+        try:
+            st = path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        cached = _cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        value = read_home_settings(path)
+        _cache[path] = (stamp, value)
+        return value
+
     def ensure(self) -> Settings:
         """Create the data folders (cheap and idempotent)."""
         for d in (self.datasets_dir, self.base_models_dir, self.loras_dir, self.finetuned_dir, self.runs_dir):
@@ -71,4 +168,7 @@ class Settings:
 def get_settings() -> Settings:
     """Read ZIMAGE_HOME each call, so a test or a server can move the home without restarting Python."""
     home = os.environ.get("ZIMAGE_HOME")
-    return Settings(home=Path(home).expanduser().resolve() if home else PROJECT_ROOT)
+    if home:
+        return Settings(home=Path(home).expanduser().resolve(), why="ZIMAGE_HOME is set")
+    path, why = default_home()
+    return Settings(home=path, why=why)

@@ -29,7 +29,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings().ensure()
-    slots = slot_config(args.gpus, args.jobs_per_gpu)
+    slots = slot_config(args.gpus, args.jobs_per_gpu, home=settings.home_settings().scheduler)
     holder = OwnerLock(settings).owner()
     if holder:
         if args.no_wait:

@@ -59,7 +59,7 @@ class Scheduler:
         watch: bool = True,
     ):
         self.settings = settings
-        self.slots = slots or slot_config()
+        self.slots = slots or slot_config(home=settings.home_settings().scheduler)
         self.role = role
         self.launch_jobs = launch_jobs
         self.tick_s, self.rescan_s, self.watch = tick, rescan, watch

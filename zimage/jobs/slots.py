@@ -1,6 +1,7 @@
 """GPU slots: which GPUs this host offers and how many jobs each may run at once.
 
-Configured by the environment of the scheduler process (the app or `zimage worker`):
+Configured by the environment of the scheduler process (the app or `zimage worker`), else by the home's
+settings.toml (`[scheduler] gpus = "0,1"`, `jobs_per_gpu = 2`):
     ZIMAGE_GPUS          "0,1,3" (GPU ids to use), or "none" for CPU only; default: CUDA_VISIBLE_DEVICES
                          if set, else the GPUs `nvidia-smi -L` lists, else CPU only
     ZIMAGE_JOBS_PER_GPU  jobs sharing one GPU (default 1)
@@ -17,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from zimage.errors import UserError
+from zimage.settings import SchedulerSettings
 
 
 class SlotConfigError(UserError):
@@ -57,10 +59,12 @@ def _parse_ids(text: str, what: str) -> tuple[str, ...]:
     return ids
 
 
-def slot_config(gpus: str | list[str] | None = None, jobs_per_gpu: int | None = None) -> SlotConfig:
-    """Explicit arguments win over the environment, which wins over detection."""
+def slot_config(
+    gpus: str | list[str] | None = None, jobs_per_gpu: int | None = None, home: SchedulerSettings | None = None
+) -> SlotConfig:
+    """Explicit arguments win over the environment, which wins over settings.toml (`home`), then detection."""
     if gpus is None:
-        gpus = os.environ.get("ZIMAGE_GPUS")
+        gpus = os.environ.get("ZIMAGE_GPUS", home.gpus if home is not None else None)
     if isinstance(gpus, str):
         ids = () if gpus.strip().lower() in ("none", "cpu", "") else _parse_ids(gpus, "ZIMAGE_GPUS")
     elif gpus is not None:
@@ -72,7 +76,7 @@ def slot_config(gpus: str | list[str] | None = None, jobs_per_gpu: int | None = 
         else:
             ids = tuple(_nvidia_smi_ids())
     if jobs_per_gpu is None:
-        raw = os.environ.get("ZIMAGE_JOBS_PER_GPU", "1")
+        raw = os.environ.get("ZIMAGE_JOBS_PER_GPU", str(home.jobs_per_gpu if home is not None else 1))
         try:
             jobs_per_gpu = int(raw)
         except ValueError:
