@@ -16,6 +16,8 @@ them simply by finding them alive.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401 - imported before our exit hook is registered (see below)
 import logging
 import os
 import socket
@@ -43,6 +45,29 @@ LOST_GRACE_S = 30.0  # a launched worker that never recorded a PID is given this
 _schedulers: dict[Path, Scheduler] = {}
 _schedulers_lock = threading.Lock()
 _children: dict[str, subprocess.Popen] = {}  # this process's workers, polled so none stays a zombie
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """Stop every scheduler of this process before the interpreter tears down.
+
+    The scheduler is a daemon thread: at exit it would go on ticking while Python shuts down, meet
+    "cannot schedule new futures after interpreter shutdown" in a scan (concurrent.futures refuses new work
+    once its own exit hook ran), and DuckDB could be closed under a running query (an abort, exit code 134).
+    threading's exit hooks run before those of concurrent.futures (in reverse order of registration, and
+    concurrent.futures registered its hook when imported above) and before `atexit`, which only runs after
+    the non-daemon threads (Streamlit's server too) have ended. So the thread stops and closes the database
+    itself, in order, while everything still works. `atexit` is the fallback on Pythons without the hook.
+    """
+    global _exit_hook_registered
+    if _exit_hook_registered:
+        return
+    _exit_hook_registered = True
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(stop_all)
+    else:  # pragma: no cover - CPython has had it since 3.9
+        atexit.register(stop_all)
 
 
 class Scheduler:
@@ -346,6 +371,7 @@ def ensure_scheduler(settings: Settings, **options) -> Scheduler:
         if "launch_jobs" not in options and os.environ.get("ZIMAGE_SCHEDULER_LAUNCH", "1") == "0":
             options["launch_jobs"] = False
         settings.ensure()
+        _register_exit_hook()
         sched = Scheduler(settings, **options).start()
         _schedulers[key] = sched
         return sched
@@ -386,7 +412,7 @@ def refresh_run(settings: Settings, run_id: str) -> None:
 
 
 def stop_all(timeout: float = 10.0) -> None:
-    """Stop every scheduler of this process (tests; the app stops with its process)."""
+    """Stop every scheduler of this process: at interpreter exit (the hook above) and after tests."""
     with _schedulers_lock:
         scheds = list(_schedulers.values())
         _schedulers.clear()
