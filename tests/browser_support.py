@@ -39,9 +39,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def streamlit_server(home: Path, log_path: Path, timeout: float = 90.0):
-    """Yield the base URL of `streamlit run Home.py` serving ZIMAGE_HOME=home; stop it afterwards."""
+def _start(home: Path, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str | None]:
+    """Start the server on a port the OS just gave out; (process, URL), or URL None if it exited early."""
     port = free_port()
     env = dict(os.environ, ZIMAGE_HOME=str(home), PYTHONUNBUFFERED="1")
     cmd = [
@@ -52,18 +51,32 @@ def streamlit_server(home: Path, log_path: Path, timeout: float = 90.0):
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return proc, None
+
+
+@contextmanager
+def streamlit_server(home: Path, log_path: Path, timeout: float = 90.0):
+    """Yield the base URL of `streamlit run Home.py` serving ZIMAGE_HOME=home; stop it afterwards.
+
+    Streamlit needs its port on the command line, so the OS picks a free one first; should another process
+    take it in between (the server then exits at once), a new port is tried.
+    """
+    for _ in range(3):
+        proc, url = _start(home, log_path, timeout)
+        if url is not None or proc.poll() is None:
+            break
     try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"streamlit did not start; see {log_path}")
-            time.sleep(0.5)
+        if url is None:
+            raise RuntimeError(f"streamlit did not start; see {log_path}")
         yield url
     finally:
         proc.terminate()

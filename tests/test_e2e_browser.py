@@ -109,7 +109,6 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
     if os.environ.get("ZIMAGE_SCREENSHOTS_DIR"):
         shots.append(Path(os.environ["ZIMAGE_SCREENSHOTS_DIR"]))
     log = tmp_path / "server.log"
-    started = time.monotonic()
     with streamlit_server(home.home, log) as url, playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1500, "height": 1300})
@@ -192,5 +191,6 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         assert len(list((grid_dir / "cells").glob("*.png"))) == 4
         shot(page, "compare", shots, height=2300)
         browser.close()
-    assert "Traceback" not in log.read_text(errors="replace")
-    assert time.monotonic() - started < 240
+    server_log = log.read_text(errors="replace")  # the server has stopped: its whole life is in the log
+    for bad in ("Traceback", "interpreter shutdown", "terminate called"):
+        assert bad not in server_log, f"{bad!r} in the server log {log}"
