@@ -1,13 +1,16 @@
 """Control while running, seen only through the run folder: save now, sample now, pause/resume, SIGINT,
-out-of-memory advice."""
+out-of-memory advice; no request lost between writers, each acted on once, none again after a resume."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -92,3 +95,56 @@ def test_out_of_memory_advice_for_the_real_model_names_settings_and_savings():
     assert lines[0] == "Out of memory (OOM)" and lines[1].startswith("Settings that lower memory")
     assert any("gradient_checkpointing" in x for x in lines) and any("quantize" in x for x in lines)
     assert all("GiB)" in x for x in lines[2:])
+
+
+def test_two_writers_at_once_lose_no_request_and_the_worker_acts_on_each_once(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    run.update_status(state="running")
+    go = tmp_path / "go"
+    writer = (
+        "import pathlib, sys, time\nfrom zimage.runfolder import RunFolder\n"
+        "run, go = RunFolder(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+        "while not go.exists():\n    time.sleep(0.001)\n"  # both start writing at the same moment
+        "for _ in range(120):\n    run.send_control('save_now', user=sys.argv[3])\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(run.path), str(go), who]) for who in ("ann", "bob")]
+    polls = []
+    try:
+        go.touch()
+        while any(p.poll() is None for p in procs):  # the worker polls while they write
+            polls.append(run.poll_control().save_now)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    polls.append(run.poll_control().save_now)
+    requests = run.read_control()
+    assert Counter(r["user"] for r in requests) == {"ann": 120, "bob": 120}  # none lost
+    ids = [r["id"] for r in requests]
+    done = run.read_status()["control_done"]
+    assert len(set(ids)) == 240 and sorted(done) == sorted(ids)  # each acted on, and recorded, once
+    assert any(polls) and not run.poll_control().save_now
+
+
+def test_a_resumed_run_does_not_repeat_the_requests_its_predecessor_handled(home, tmp_path):
+    config = fast_config(num_steps=4, output_name="resumed-once")
+    resolved = validate_config(build_config(config), home)
+    run = RunFolder(tmp_path / "run")
+    run.write_config(resolved.config.to_dict())
+
+    def first(record):
+        if record["step"] == 1:
+            run.send_control("save_now")
+        elif record["step"] == 2:
+            run.send_control("stop")
+
+    assert run_training(resolved, home, run.path, on_step=first) == 0
+    assert run.read_status()["state"] == "stopped" and run.read_status()["step"] == 2
+    assert sorted(run.handled_control()) == sorted(r["id"] for r in run.read_control())
+    # The same process entry the queue's resume reaches: the old stop and save-now are not acted on again.
+    resolved = validate_config(build_config(resolved.config.to_dict()).replace(overwrite=True), home)
+    assert run_training(resolved, home, run.path, resume=True) == 0
+    status = run.read_status()
+    assert status["state"] == "completed" and status["step"] == 4 and status["resumed_from_step"] == 2
+    assert [c.step for c in checkpoints.list_checkpoints(run.checkpoints_dir)] == [1, 2]  # no second save-now
+    assert run.log_path.read_text().count("Stopping: stop requested from the app") == 1

@@ -109,9 +109,7 @@ def test_sigkill_marks_the_run_lost_with_its_last_step(zhome, start):
     wait_for(lambda: (status(zhome, run_id).get("step") or 0) >= 5, 15, "a few steps")
     pid = status(zhome, run_id)["pid"]
     os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_for(lambda: db_state(sched, run_id) == "lost", 30, "state lost")
-    assert time.monotonic() - killed < 30
+    wait_for(lambda: db_state(sched, run_id) == "lost", 30, "state lost")  # within 30 s, or it fails
     st = status(zhome, run_id)
     assert st["step"] >= 5 and st["last_heartbeat"] > 0 and st["ended"] >= st["last_heartbeat"]
     assert f"worker process {pid} ended without a final state (last step {st['step']})" == st["error"]

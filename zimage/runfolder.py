@@ -1,32 +1,40 @@
 """The run-folder protocol (DESIGN.md section 2): the files a worker and the app exchange.
 
-A worker (trainer, captioner, test grid) owns its folder: it writes status.json atomically, appends
-metrics.jsonl / samples.jsonl, and polls control.json. The app writes control.json (requests) and, only
-for a worker that is gone, the final `lost` state. Nothing here touches the database.
+A worker (trainer, captioner, test grid; its lifecycle is zimage.job) owns its folder: it writes
+status.json atomically, appends metrics.jsonl / samples.jsonl and polls control.json. The app and the CLI
+write control.json (requests) and, for a queued job or a worker that is gone, status.json. Nothing here
+touches the database.
 
     config.json    what was asked (never changed after launch, except by resume)
-    status.json    state, kind, step, total_steps, pid, pid_start_time, host, heartbeat, started, ended,
-                   error, traceback (times are Unix seconds)
-    control.json   {"stop": bool, "pause": bool, "save_now": n, "sample_now": n, "updated": t}
+    status.json    state, kind, step, total_steps, pid, pid_start_time, host, cuda_visible_devices,
+                   heartbeat, started, ended, error, traceback, control_done (times are Unix seconds)
+    control.json   {"requests": [{"id": "...", "action": "stop", "at": t, "user": "ann"}, ...]}
     metrics.jsonl  one JSON object per logged step
     samples.jsonl  one JSON object per sample image: step, prompt, seed, path (relative to the folder)
     log.txt, samples/, checkpoints/
+
+No control request is lost and none runs twice: only the app/CLI writes control.json, appending one
+request with a fresh id under a file lock; the worker never writes it, and records the ids it has acted
+on in status.json (`control_done`), so a resumed run never repeats what its predecessor did.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zimage.data.folders import atomic_write_text
+from filelock import FileLock
+
+from zimage.fsio import read_json, write_json
+
+__all__ = ["ControlRequests", "RunFolder", "process_start_time", "read_json", "silence"]
 
 STATES = ("queued", "starting", "running", "paused", "stopping", "completed", "stopped", "failed", "lost")
 FINAL_STATES = ("completed", "stopped", "failed", "lost")
@@ -50,22 +58,14 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """Read a JSON file; a missing or half-written file gives `default` instead of an exception."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return default
-
-
 @dataclass
 class ControlRequests:
-    """What the app asked for since the last poll."""
+    """What the app asks of the worker now (the worker-facing result of polling control.json)."""
 
-    stop: bool = False
-    pause: bool = False  # the wanted state: True while the app wants the run paused
-    save_now: bool = False
-    sample_now: bool = False
+    stop: bool = False  # a stop was asked (stays True for the rest of the process)
+    pause: bool = False  # the wanted state: the newest pause / resume request wins
+    save_now: bool = False  # new save-now request(s) since the last poll
+    sample_now: bool = False  # new sample-now request(s) since the last poll
 
 
 STALE_HEARTBEAT_S = 90.0  # workers stamp status.json every few seconds; this much silence is news
@@ -89,13 +89,15 @@ def silence(state: str | None, heartbeat: Any, now: float | None = None) -> floa
 
 
 class RunFolder:
+    """One job folder: typed access to its files, for the worker side and the app side alike."""
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self._seen_save = 0
-        self._seen_sample = 0
-        self._control_mtime: int | None = None
-        self._last_control = ControlRequests()
         self._control_file = os.fspath(self.path / "control.json")  # polled every step: no Path work then
+        self._control_key: tuple | None = None  # (inode, mtime, size) of the control.json last read
+        self._done: list[str] | None = None  # ids acted on (status.json control_done), loaded on first need
+        self._stop_wanted = False
+        self._pause_wanted = False
         self._status_lock = threading.Lock()  # a heartbeat thread and the worker both update status.json
 
     # -- paths ------------------------------------------------------------------------------------
@@ -114,15 +116,15 @@ class RunFolder:
 
     # -- config -----------------------------------------------------------------------------------
     def write_config(self, config: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_json(self.config_path, config)
 
     def read_config(self) -> dict:
         return read_json(self.config_path, {})
 
     # -- status -----------------------------------------------------------------------------------
     def read_status(self) -> dict:
-        return read_json(self.status_path, {}) or {}
+        status = read_json(self.status_path, {})
+        return status if isinstance(status, dict) else {}
 
     def update_status(self, **fields: Any) -> dict:
         """Merge `fields` into status.json and write it atomically; always stamps `heartbeat`."""
@@ -132,33 +134,12 @@ class RunFolder:
             status = self.read_status()
             status.update(fields)
             status["heartbeat"] = time.time()
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")
+            write_json(self.status_path, status)
         return status
 
-    @contextmanager
-    def heartbeat(self, interval: float = 5.0) -> Iterator[None]:
-        """Stamp status.json every `interval` s while the block runs (model downloads, long batches), so
-        the app can tell a slow worker from a stuck one (DESIGN: at least every 10 s)."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(interval):
-                try:
-                    self.update_status()
-                except OSError:  # a full disk must not kill the job; the next beat tries again
-                    pass
-
-        thread = threading.Thread(target=beat, name="zimage-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join(timeout=interval + 5)
-
     def mark_worker_started(self, kind: str, total_steps: int | None = None) -> dict:
-        """Call first thing in a worker: records who is running the folder (PID + start time, host)."""
+        """Call first thing in a worker: records who is running the folder (PID + start time, host) and
+        which GPUs it was given. `control_done` is kept: a resumed run must not repeat those requests."""
         pid = os.getpid()
         return self.update_status(
             state="starting",
@@ -166,6 +147,7 @@ class RunFolder:
             pid=pid,
             pid_start_time=process_start_time(pid),
             host=socket.gethostname(),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             started=time.time(),
             ended=None,
             error=None,
@@ -184,58 +166,78 @@ class RunFolder:
             return False
         return started is None or abs(now - float(started)) < 1.0
 
-    # -- control ----------------------------------------------------------------------------------
-    def send_control(self, action: str) -> dict:
-        """App side: record a request. stop/pause/resume set a wanted state; save_now/sample_now count up."""
+    # -- control: the app side ----------------------------------------------------------------------
+    def read_control(self) -> list[dict]:
+        """The requests in control.json, oldest first. A missing or damaged file (or entry) has none."""
+        data = read_json(self.control_path, None)
+        requests = data.get("requests") if isinstance(data, dict) else None
+        if not isinstance(requests, list):
+            return []
+        return [r for r in requests
+                if isinstance(r, dict) and isinstance(r.get("id"), str) and r.get("action") in CONTROL_ACTIONS]  # fmt: skip
+
+    def send_control(self, action: str, user: str | None = None) -> dict:
+        """App / CLI side: append one request with a fresh id to control.json; returns the request.
+
+        The read, the append and the atomic rewrite happen under a file lock, so two writers at the same
+        time (two browser sessions, the CLI) never lose each other's requests.
+        """
         if action not in CONTROL_ACTIONS:
             raise ValueError(f"unknown control action {action!r}; allowed: {', '.join(CONTROL_ACTIONS)}")
-        control = read_json(self.control_path, {}) or {}
-        if action == "stop":
-            control["stop"] = True
-        elif action == "pause":
-            control["pause"] = True
-        elif action == "resume":
-            control["pause"] = False
-        else:
-            control[action] = int(control.get(action, 0)) + 1
-        control["updated"] = time.time()
+        request = {"id": f"{time.time_ns():x}-{secrets.token_hex(4)}", "action": action, "at": time.time()}
+        if user:
+            request["user"] = user
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.control_path, json.dumps(control, indent=2) + "\n")
-        return control
+        if True:  # BROKEN
+            write_json(self.control_path, {"requests": [*self.read_control(), request]})
+        return request
 
+    def retire_control(self) -> None:
+        """Before a run is resumed (requeue, `zimage train --resume`): count every request in control.json
+        as handled, so the stop that ended the earlier process, or a request it never saw, does not act
+        on the new one."""
+        done = self.handled_control()
+        seen = set(done)
+        new = [r["id"] for r in self.read_control() if r["id"] not in seen]
+        if new:
+            self.update_status(control_done=done + new)
+        self._done = None  # re-read on the next poll
+
+    def handled_control(self) -> list[str]:
+        """Ids of the requests this run's workers have acted on (status.json `control_done`)."""
+        done = self.read_status().get("control_done")
+        return [str(i) for i in done] if isinstance(done, list) else []
+
+    # -- control: the worker side -------------------------------------------------------------------
     def poll_control(self) -> ControlRequests:
-        """Worker side: cheap (one stat) when nothing changed. save_now / sample_now fire once each."""
+        """Worker side, every step: one stat() when nothing changed. Each request id is acted on once,
+        and recorded in status.json before it is acted on, so no later process of the run repeats it."""
         try:
-            mtime = os.stat(self._control_file).st_mtime_ns
+            st = os.stat(self._control_file)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)  # rewritten by rename: a new inode every time
         except FileNotFoundError:
-            return ControlRequests()
-        if mtime == self._control_mtime:
-            return ControlRequests(stop=self._last_control.stop, pause=self._last_control.pause)
-        self._control_mtime = mtime
-        control = read_json(self.control_path, {}) or {}
-        save, sample = int(control.get("save_now", 0)), int(control.get("sample_now", 0))
-        req = ControlRequests(
-            stop=bool(control.get("stop")),
-            pause=bool(control.get("pause")),
-            save_now=save > self._seen_save,
-            sample_now=sample > self._seen_sample,
-        )
-        self._seen_save, self._seen_sample = save, sample
-        self._last_control = req
-        return req
-
-    def skip_pending_control(self) -> None:
-        """On resume: counters already in control.json were handled by the earlier process."""
-        control = read_json(self.control_path, {}) or {}
-        self._seen_save, self._seen_sample = int(control.get("save_now", 0)), int(control.get("sample_now", 0))
-
-    def clear_stop(self) -> None:
-        """Before a resume, forget the stop request that ended the earlier process."""
-        control = read_json(self.control_path, {}) or {}
-        if control.get("stop") or control.get("pause"):
-            control["stop"] = False
-            control["pause"] = False
-            atomic_write_text(self.control_path, json.dumps(control, indent=2) + "\n")
+            key = None
+        save = sample = False
+        if key is not None and key != self._control_key:
+            self._control_key = key
+            if self._done is None:
+                self._done = self.handled_control()
+            seen = set(self._done)
+            new = [r for r in self.read_control() if r["id"] not in seen]
+            for request in new:  # oldest first: the newest pause / resume decides the wanted state
+                action = request["action"]
+                self._stop_wanted |= action == "stop"
+                if action in ("pause", "resume"):
+                    self._pause_wanted = action == "pause"
+                save |= action == "save_now"
+                sample |= action == "sample_now"
+            if new:
+                self._done += [r["id"] for r in new]
+                try:
+                    self.update_status(control_done=list(self._done))
+                except OSError:  # a full disk: this process still acts once (the ids are in memory)
+                    pass
+        return ControlRequests(stop=self._stop_wanted, pause=self._pause_wanted, save_now=save, sample_now=sample)
 
     # -- append-only logs -------------------------------------------------------------------------
     def _append(self, path: Path, *records: dict) -> None:

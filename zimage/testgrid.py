@@ -11,14 +11,14 @@ and `zimage testgrid --run-dir DIR` renders it: the pipeline loads once, every L
 diffusers' `load_lora_weights` under its own adapter name, and each cell activates one adapter at one
 strength (`set_adapters`) with the same seed. Output in the run folder: cells/r<row>-c<col>.png,
 samples.jsonl (one line per cell: step = cell number, prompt, seed, path, lora, strength, row, col),
-grid.png (rows = LoRAs, columns = strengths, labelled) and status.json (progress, grid_path).
+grid.png (rows = LoRAs, columns = strengths, labelled) and status.json (progress, grid_path). The
+lifecycle (start, heartbeat, stop / pause requests and SIGTERM, final state, failures) is zimage.job.run_job.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,8 @@ from typing import Any
 
 from zimage import catalogue
 from zimage.errors import UserError
-from zimage.runfolder import RunFolder
+from zimage.fsio import atomic_path
+from zimage.job import Job, run_job
 from zimage.settings import Settings
 
 MAX_CELLS = 64
@@ -222,17 +223,8 @@ def _wrap(text: str, width: int) -> str:
 
 
 def _save_png(image, path: Path) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _load_pipeline(cfg: GridConfig, log):
@@ -257,30 +249,29 @@ def _load_pipeline(cfg: GridConfig, log):
 
 
 def run_grid(run_dir: Path, settings: Settings) -> int:
-    """Render the grid described by run_dir/config.json; returns the exit code (0 completed or stopped)."""
-    folder = RunFolder(run_dir)
-    folder.mark_worker_started("testgrid")
-    try:
-        cfg = check_config(folder.read_config(), settings)
-    except UserError as exc:
-        folder.log(f"Failed: {exc}")
-        folder.update_status(state="failed", error=str(exc), ended=time.time())
-        return 1
-    folder.update_status(state="running", step=0, total_steps=cfg.cells, phase="loading")
-    folder.log(f"Test grid: {len(cfg.loras)} LoRA(s) x {len(cfg.strengths)} strength(s) on {cfg.model_path}")
-    try:
-        import torch
+    """Render the grid described by run_dir/config.json; returns the exit code (0 completed or stopped,
+    1 failed: a bad config ends `failed` with every problem named)."""
+    return run_job(run_dir, "testgrid", lambda job: _render(job, settings))
 
-        pipe, device = _load_pipeline(cfg, folder.log)
+
+def _render(job: Job, settings: Settings) -> dict:
+    """The test-grid kind's work for run_job."""
+    import torch
+
+    folder = job.run
+    cfg = check_config(folder.read_config(), settings)
+    job.status(state="running", step=0, total_steps=cfg.cells, phase="loading")
+    job.log(f"Test grid: {len(cfg.loras)} LoRA(s) x {len(cfg.strengths)} strength(s) on {cfg.model_path}")
+    pipe, device = _load_pipeline(cfg, job.log)
+    with torch.inference_mode():  # rendering only: no autograd bookkeeping for any cell
         rows: list[list[Any]] = []
         step = 0
         for i, lora in enumerate(cfg.loras):
             rows.append([])
             for j, strength in enumerate(cfg.strengths):
-                if _wait_while_paused(folder):
-                    folder.log(f"Stopped after {step} of {cfg.cells} images")
-                    folder.update_status(state="stopped", step=step, ended=time.time())
-                    return 0
+                if _wait_while_paused(job):
+                    job.log(f"Stopped after {step} of {cfg.cells} images")
+                    return {"state": "stopped", "step": step}
                 pipe.set_adapters([f"lora{i}"], [float(strength)])
                 image = pipe(
                     cfg.prompt, negative_prompt=cfg.negative_prompt or None, height=cfg.height, width=cfg.width,
@@ -294,27 +285,21 @@ def run_grid(run_dir: Path, settings: Settings) -> int:
                 folder.append_sample({"step": step, "prompt": cfg.prompt, "seed": cfg.seed, "path": rel,
                                       "lora": lora.label, "lora_path": str(lora.path), "strength": strength,
                                       "row": i, "col": j})  # fmt: skip
-                folder.update_status(state="running", step=step, phase="rendering")
+                job.status(state="running", step=step, phase="rendering")
         grid = compose_grid(rows, [c.label for c in cfg.loras], [f"strength {s:g}" for s in cfg.strengths])
         _save_png(grid, folder.path / "grid.png")
-        folder.log(f"Grid written: {folder.path / 'grid.png'}")
-        folder.update_status(state="completed", step=step, phase="done", grid_path="grid.png", ended=time.time())
-        return 0
-    except BaseException as exc:  # every failure ends as `failed` on disk, with the reason
-        message = str(exc) or type(exc).__name__
-        folder.log(f"Failed: {message}")
-        folder.update_status(state="failed", error=message, traceback=traceback.format_exc()[-4000:], ended=time.time())
-        return 1
+        job.log(f"Grid written: {folder.path / 'grid.png'}")
+        return {"state": "completed", "step": step, "phase": "done", "grid_path": "grid.png"}
 
 
-def _wait_while_paused(folder: RunFolder) -> bool:
-    """Poll control.json between images: True when a stop was asked; blocks while paused."""
-    req = folder.poll_control()
+def _wait_while_paused(job: Job) -> bool:
+    """Poll control requests between images: True when a stop was asked; blocks while paused."""
+    req = job.poll_control()
     if req.pause and not req.stop:
-        folder.update_status(state="paused")
+        job.status(state="paused")
         while req.pause and not req.stop:
             time.sleep(0.5)
-            req = folder.poll_control()
+            req = job.poll_control()
         if not req.stop:
-            folder.update_status(state="running")
+            job.status(state="running")
     return req.stop

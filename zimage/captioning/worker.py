@@ -1,7 +1,8 @@
 """The captioning worker: caption a dataset's images in the background, with progress in its run folder.
 
 Started by the scheduler as `python -m zimage.cli caption --run-dir DIR` (or in-process by
-`zimage caption DATASET`). It reads DIR/config.json (a CaptionConfig), and writes:
+`zimage caption DATASET`); its lifecycle (start, heartbeat, signals, final state, failures) is
+zimage.job.run_job. It reads DIR/config.json (a CaptionConfig), and writes:
 
     status.json    state, step (images done) / total_steps, current_file, captioned, skipped, error_count,
                    errors (the first 100 as {file, error}), images_per_s, eta
@@ -10,8 +11,8 @@ Started by the scheduler as `python -m zimage.cli caption --run-dir DIR` (or in-
     log.txt
 
 Each caption is written atomically next to its image. A bad image is reported and skipped; a stop request
-ends the run `stopped` once the batch in hand is written; a resumed run skips what captions.jsonl says is
-done. Decoding the next batch and writing the previous one run on a helper thread while the model
+(or SIGTERM) ends the run `stopped` once the batch in hand is written; a resumed run skips what
+captions.jsonl says is done. Decoding the next batch and writing the previous one run on a helper thread while the model
 captions, so file work (fsync'd writes, JPEG decoding) does not stall the model.
 """
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,11 +36,12 @@ from zimage.captioning.config import (  # noqa: F401  (CaptionConfigError, capti
     select_targets,
     with_trigger,
 )
-from zimage.data.folders import DatasetItem, atomic_write_text
+from zimage.data.folders import DatasetItem
 from zimage.data.images import ImageProblem, open_rgb
 from zimage.data.manage import clean_caption
-from zimage.errors import UserError
-from zimage.runfolder import RunFolder, read_json
+from zimage.fsio import atomic_write, read_json
+from zimage.job import Job, run_job
+from zimage.runfolder import RunFolder
 from zimage.settings import Settings, get_settings
 
 MAX_ERRORS_IN_STATUS = 100
@@ -91,7 +92,7 @@ def _write_batch(results: list[tuple[DatasetItem, str | None, str]], cfg: Captio
             outcomes.append((item, "skipped", "captioned meanwhile"))
         else:
             try:
-                atomic_write_text(item.caption_path, caption + "\n")
+                atomic_write(item.caption_path, caption + "\n")
                 outcomes.append((item, "written", caption))
             except OSError as exc:
                 outcomes.append((item, "error", f"cannot write {item.caption_path.name}: {exc.strerror or exc}"))
@@ -125,29 +126,35 @@ class _Progress:
 
 
 class CaptionJob:
-    """One run of the worker over one run folder."""
+    """The captioning kind's work for run_job: `CaptionJob(on_progress).run(job)`."""
 
-    def __init__(self, run_dir: Path | str, on_progress: Callable[[dict], None] | None = None):
-        self.run = RunFolder(run_dir)
+    def __init__(self, on_progress: Callable[[dict], None] | None = None):
         self.on_progress = on_progress
+        self.job: Job | None = None
         self.captioner = None
         self._last_write = 0.0
         self._batch_started = 0.0
         self._model_failures = 0  # images in a row the model failed on
 
+    @property
+    def folder(self) -> RunFolder:
+        return self.job.run
+
     # -- reporting --------------------------------------------------------------------------------
     def _status(self, **values) -> None:
-        status = self.run.update_status(**values)
+        status = self.job.status(**values)
         self._last_write = time.time()
         if self.on_progress:
             self.on_progress(status)
 
     def _progress(self, **values) -> None:
-        """Per-batch progress: written at most every PROGRESS_EVERY seconds; callbacks get every batch."""
+        """Per-batch progress: written at most every PROGRESS_EVERY seconds (the heartbeat writes the
+        newest values meanwhile); callbacks get every batch."""
+        self.job.progress(**{k: v for k, v in values.items() if k != "state"})
         if time.time() - self._last_write >= PROGRESS_EVERY:
             self._status(**values)
         elif self.on_progress:
-            self.on_progress({**self.run.read_status(), **values})
+            self.on_progress({**self.folder.read_status(), **values})
 
     def _finish(self, outcomes: list[Outcome], progress: _Progress, next_file: str | None) -> None:
         """Account for one written batch: captions.jsonl, counters, status, metrics (main thread only)."""
@@ -164,29 +171,29 @@ class CaptionJob:
                 progress.error_count += 1
                 progress.errors.append({"file": item.image.name, "error": text})
                 record["error"] = text
-                self.run.log(f"error {item.image.name}: {text}")
+                self.job.log(f"error {item.image.name}: {text}")
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        with open(self.run.path / "captions.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.folder.path / "captions.jsonl", "a", encoding="utf-8") as fh:
             fh.write("".join(lines))
         progress.done += len(outcomes)
         status = progress.fields()
         self._progress(state="running", current_file=next_file, **status)
         now, step_time = time.time(), time.time() - self._batch_started
         self._batch_started = now
-        self.run.append_metrics(
+        self.job.add_metrics(
             {"step": progress.done, "samples_per_s": round(len(outcomes) / step_time, 4) if step_time else None,
              "step_time": round(step_time, 4), "elapsed": round(now - progress.started, 3), "eta": status["eta"]}
         )  # fmt: skip
 
     def _wait_while_paused(self) -> bool:
         """Block while the app asks for a pause; True if a stop came meanwhile."""
-        req = self.run.poll_control()
+        req = self.job.poll_control()
         if not req.pause or req.stop:
             return req.stop
-        self._status(state="paused")  # the heartbeat thread of run_job keeps status.json fresh meanwhile
+        self._status(state="paused")  # run_job's heartbeat thread keeps status.json fresh meanwhile
         while req.pause and not req.stop:
             time.sleep(0.5)
-            req = self.run.poll_control()
+            req = self.job.poll_control()
         if not req.stop:
             self._status(state="running")
         return req.stop
@@ -196,10 +203,10 @@ class CaptionJob:
         from zimage.captioning.captioners import CaptionOptions, load_captioner
         from zimage.captioning.models import ensure_captioner
 
-        _family, path = ensure_captioner(cfg.model, settings, allow_download=cfg.download, progress=self.run.log)
+        _family, path = ensure_captioner(cfg.model, settings, allow_download=cfg.download, progress=self.job.log)
         options = CaptionOptions(cfg.detail, cfg.max_new_tokens, cfg.num_beams, cfg.prompt)
         self.captioner = load_captioner(path, options, cfg.device)
-        self.run.log(f"loaded {path} on {self.captioner.device}")
+        self.job.log(f"loaded {path} on {self.captioner.device}")
 
     def _caption(
         self, decoded: list[tuple[DatasetItem, Image.Image | str]]
@@ -234,49 +241,28 @@ class CaptionJob:
         return out
 
     # -- the run ----------------------------------------------------------------------------------
-    def run_job(self) -> int:
-        """Run to the end; returns the process exit code (0 completed or stopped, 1 failed)."""
-        self.run.mark_worker_started("caption")
-        with self.run.heartbeat():  # status.json stays fresh through model downloads and slow batches
-            return self._run_job()
-
-    def _run_job(self) -> int:
-        progress = _Progress(total=0)
-        try:
-            settings = get_settings()
-            cfg = CaptionConfig.from_dict(self.run.read_config())
-            resumed = bool(self.run.read_status().get("resume"))
-            if resumed:
-                self.run.skip_pending_control()
-            folder = dataset_for(cfg, settings)
-            targets = select_targets(folder, cfg, _already_done(self.run) if resumed else None)
-            progress = _Progress(total=len(targets))
-            self.run.log(f"captioning {len(targets)} image(s) of {folder.path} with {cfg.model} ({cfg.detail}, {cfg.mode})")  # fmt: skip
-            self._status(state="starting", current_file=None, dataset=folder.path.name, **progress.fields())
-            if not targets:
-                self._status(state="completed", ended=time.time(), message="nothing to caption")
-                return 0
-            if self.run.poll_control().stop:
-                self._status(state="stopped", ended=time.time())
-                return 0
-            self._load(cfg, settings)
-            progress.started = self._batch_started = time.time()  # the rate counts captioning, not the load
-            self._status(state="running", current_file=targets[0].image.name, **progress.fields())
-            stopped = self._pipeline(targets, cfg, folder.read_info().trigger_word, progress)
-            state = "stopped" if stopped else "completed"
-            self.run.log(f"{state}: {progress.captioned} written, {progress.skipped} skipped, {progress.error_count} errors")  # fmt: skip
-            self._status(state=state, ended=time.time(), current_file=None, **progress.fields())
-            return 0
-        except UserError as exc:
-            self.run.log(f"failed: {exc}")
-            self._status(state="failed", ended=time.time(), error=str(exc), **progress.fields())
-            return 1
-        except Exception as exc:
-            tail = "".join(traceback.format_exc().splitlines(keepends=True)[-20:])
-            self.run.log(f"failed: {type(exc).__name__}: {exc}\n{tail}")
-            self._status(state="failed", ended=time.time(), error=f"{type(exc).__name__}: {exc}", traceback=tail,
-                         **progress.fields())  # fmt: skip
-            return 1
+    def run(self, job: Job) -> dict:
+        """Caption what the run's config.json asks for; returns the final state and counters."""
+        self.job = job
+        settings = get_settings()
+        cfg = CaptionConfig.from_dict(self.folder.read_config())
+        resumed = bool(self.folder.read_status().get("resume"))
+        dataset = dataset_for(cfg, settings)
+        targets = select_targets(dataset, cfg, _already_done(self.folder) if resumed else None)
+        progress = _Progress(total=len(targets))
+        job.log(f"captioning {len(targets)} image(s) of {dataset.path} with {cfg.model} ({cfg.detail}, {cfg.mode})")
+        self._status(state="starting", current_file=None, dataset=dataset.path.name, **progress.fields())
+        if not targets:
+            return {"state": "completed", "message": "nothing to caption"}
+        if job.poll_control().stop:
+            return {"state": "stopped"}
+        self._load(cfg, settings)
+        progress.started = self._batch_started = time.time()  # the rate counts captioning, not the load
+        self._status(state="running", current_file=targets[0].image.name, **progress.fields())
+        stopped = self._pipeline(targets, cfg, dataset.read_info().trigger_word, progress)
+        state = "stopped" if stopped else "completed"
+        job.log(f"{state}: {progress.captioned} written, {progress.skipped} skipped, {progress.error_count} errors")
+        return {"state": state, "current_file": None, **progress.fields()}
 
     def _pipeline(self, targets: list[DatasetItem], cfg: CaptionConfig, trigger: str, progress: _Progress) -> bool:
         """Caption every batch while the helper thread decodes the next one and writes the last one.
@@ -303,8 +289,9 @@ class CaptionJob:
 
 
 def run_caption_job(run_dir: Path | str, on_progress: Callable[[dict], None] | None = None) -> int:
-    """Worker entry: caption what DIR/config.json asks for; returns the exit code."""
-    return CaptionJob(run_dir, on_progress).run_job()
+    """Worker entry: caption what DIR/config.json asks for; returns the exit code (0 completed or
+    stopped, 1 failed)."""
+    return run_job(run_dir, "caption", CaptionJob(on_progress).run)
 
 
 def caption_runs(settings: Settings, limit: int = 10) -> list[dict]:

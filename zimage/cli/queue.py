@@ -14,7 +14,7 @@ def register(sub) -> None:
     qsub = p.add_subparsers(dest="queue_command", metavar="ACTION")
     a = qsub.add_parser("add", help="enqueue a job (default: a training run) from a JSON/YAML config")
     a.add_argument("config", help="config file (.json / .yaml)")
-    a.add_argument("--kind", default="train", help="train (default), caption, testgrid or fake")
+    a.add_argument("--kind", default="train", help="train (default), caption or testgrid")
     a.add_argument("--name", help="a name for the run (default: the config's output_name)")
     a.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1)")
     a.add_argument("--preset", help="training preset to start from (train only)")

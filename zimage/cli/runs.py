@@ -17,7 +17,7 @@ def register(sub) -> None:
     ls.add_argument("--state", help="queued, running, completed, failed, lost, ...")
     ls.add_argument("--user")
     ls.add_argument("--dataset")
-    ls.add_argument("--kind", help="train, caption, testgrid, fake")
+    ls.add_argument("--kind", help="train, caption or testgrid")
     ls.add_argument("--text", help="text in the run id, name, user, dataset or output name")
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
     ls.set_defaults(handler=run_list)

@@ -138,7 +138,7 @@ def resume(run_dir: Path, settings) -> int:
         raise
     ckpt = newest_checkpoint(folder.checkpoints_dir)
     if is_main_rank():
-        folder.clear_stop()  # the stop that ended the earlier process is not a request to this one
+        folder.retire_control()  # the stop that ended the earlier process is not a request to this one
         where = f"step {ckpt.step} ({ckpt.path.name})" if ckpt else "step 0 (no checkpoint yet)"
         print(f"run folder: {run_dir}\nresuming from {where}", flush=True)
     return _train_with_progress(resolved, settings, run_dir, resume=True)

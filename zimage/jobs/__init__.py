@@ -11,7 +11,8 @@ Pages and the CLI call these functions; none of them needs the registry database
     rebuild(settings)                      `zimage registry rebuild`, whoever owns the registry now
 
 Workers, slots and the scheduler: launcher.py, slots.py (ZIMAGE_GPUS, ZIMAGE_JOBS_PER_GPU), scheduler.py
-(ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox), fake_worker.py (tests).
+(ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox). A worker's own
+lifecycle (status, heartbeat, control requests, final state) is zimage.job.
 """
 
 from zimage.jobs.actions import cancel, control, delete_run, move_down, move_up

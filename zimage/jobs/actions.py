@@ -43,7 +43,7 @@ def control(settings: Settings, run_id: str, action: str, user: str | None = Non
     elif state in ACTIVE_STATES:
         if action == "pause" and state == "stopping":
             raise JobError(f"run {run_id}: is stopping; it cannot be paused")
-        folder.send_control(action)
+        folder.send_control(action, user=user)
         done = {"stop": "stop requested", "pause": "pause requested", "resume": "resume requested"}.get(
             action, f"{action} requested"
         )

@@ -1,9 +1,9 @@
 """Starting workers detached, and telling whether a worker is still alive.
 
-A worker is `python -m zimage.cli KIND --run-dir DIR` (train, caption, testgrid; written by the
-commands of those names) or the fake worker of the tests. It runs in its own process session with
-stdin closed and stdout/stderr appended to DIR/log.txt, so it survives the browser, the page and the
-app itself. Before the process starts, status.json is set to "starting" with its GPU ids; right after,
+A worker is `python -m zimage.cli KIND --run-dir DIR` (train, caption, testgrid: the commands of
+those names, each a zimage.job.run_job). It runs in its own process session with stdin closed and
+stdout/stderr appended to DIR/log.txt, so it survives the browser, the page and the app itself (the
+worker sees that its output is log.txt and does not echo its log lines there a second time). Before the process starts, status.json is set to "starting" with its GPU ids; right after,
 DIR/launch.json records the PID and the process start time (a separate file, so it never races the
 worker's own status.json writes). The worker then records its PID in status.json itself.
 
@@ -13,7 +13,6 @@ start time says: a reused PID has a different start time.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -21,17 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from zimage.data.folders import atomic_write_text
-from zimage.runfolder import RunFolder, process_start_time, read_json
+from zimage.fsio import read_json, write_json
+from zimage.runfolder import RunFolder, process_start_time
 from zimage.settings import Settings
-
-WORKER_MODULES = {"fake": "zimage.jobs.fake_worker"}  # kinds that are not `zimage <kind>` commands
 
 
 def worker_command(kind: str, run_dir: Path) -> list[str]:
     """The command line that runs one job of `kind` in `run_dir`."""
-    if kind in WORKER_MODULES:
-        return [sys.executable, "-m", WORKER_MODULES[kind], "--run-dir", str(run_dir)]
     return [sys.executable, "-m", "zimage.cli", kind, "--run-dir", str(run_dir)]
 
 
@@ -73,7 +68,7 @@ def launch(settings: Settings, run_id: str, kind: str, gpu_ids: list[str]) -> su
             raise
     record = {"pid": proc.pid, "pid_start_time": process_start_time(proc.pid), "cmd": cmd, "gpu_ids": visible}
     record["launched"] = time.time()
-    atomic_write_text(folder.path / "launch.json", json.dumps(record, indent=2) + "\n")
+    write_json(folder.path / "launch.json", record)
     return proc
 
 

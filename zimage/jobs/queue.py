@@ -23,10 +23,11 @@ from pathlib import Path
 from filelock import FileLock
 
 from zimage.errors import UserError
-from zimage.runfolder import FINAL_STATES, RunFolder, read_json
+from zimage.fsio import read_json
+from zimage.runfolder import FINAL_STATES, RunFolder
 from zimage.settings import Settings
 
-KINDS = ("train", "caption", "testgrid", "fake")
+KINDS = ("train", "caption", "testgrid")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ours, and `zimage train`'s own folder names
 
 
@@ -182,13 +183,17 @@ def cancel(settings: Settings, run_id: str) -> None:
 
 
 def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
-    """Put a stopped, failed or lost run back in line; the worker resumes from its last checkpoint."""
+    """Put a stopped, failed or lost run back in line; the worker resumes from its last checkpoint.
+
+    Every request in control.json so far counts as handled (the stop that ended the run, or one its
+    worker never saw), so none of them acts on the resumed run.
+    """
     folder = run_folder(settings, run_id)
     with queue_lock(settings):
         status = folder.read_status()
         if status.get("state") not in FINAL_STATES or status.get("state") == "completed":
             raise JobError(f"run {run_id}: is {status.get('state')}; only stopped, failed or lost runs can be resumed")
-        folder.clear_stop()
+        folder.retire_control()
         folder.update_status(
             state="queued",
             queue_order=_next_order(settings),

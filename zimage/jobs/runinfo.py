@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zimage.fsio import read_json
 from zimage.jobs.queue import queued_runs, run_dirs, run_folder
 from zimage.registry.rows import config_value
-from zimage.runfolder import ACTIVE_STATES, read_json
+from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import Settings
 
 

@@ -1,57 +1,21 @@
-"""Run one training job in a run folder: status from start to end, heartbeat, signals, failures.
+"""Run one training job in a run folder: the trainer's `run(job)` for zimage.job.run_job.
 
-This is what `zimage train` (and so the job queue's detached worker) calls. Exit codes: 0 completed
-or stopped on request, 1 failed (status.json then holds the error and the traceback tail; an
-out-of-memory error says which settings lower memory). With `resume`, training continues from the
-newest complete checkpoint in the run folder. Under torchrun / accelerate launch every process runs
-this, but only rank 0 writes the run folder (status, log, metrics, samples, checkpoints, the LoRA).
+This is what `zimage train` (and so the job queue's detached worker) calls. run_job owns the lifecycle
+(status from start to end, heartbeat, SIGTERM / SIGINT as a graceful stop, failures with the traceback
+tail); this module adds what is the trainer's own: resuming from the newest complete checkpoint, the
+final fields (output_path, final_loss) and, for an out-of-memory error, which settings lower memory.
+Exit codes: 0 completed or stopped on request, 1 failed. Under torchrun / accelerate launch every process
+runs this, but only rank 0 writes the run folder (status, log, metrics, samples, checkpoints, the LoRA).
 """
 
 from __future__ import annotations
 
-import signal
-import sys
-import threading
-import time
-import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from zimage.config import ResolvedConfig
-from zimage.runfolder import RunFolder
+from zimage.job import Job, run_job
 from zimage.settings import Settings
-from zimage.training.reporting import Reporter
-
-TRACEBACK_TAIL = 4000  # characters of traceback kept in status.json
-
-
-@contextmanager
-def stop_on_signals(on_signal: Callable[[str], None]):
-    """SIGTERM / SIGINT ask for a graceful stop (save, then exit) instead of killing mid-step.
-
-    A second signal gives up on the graceful stop: KeyboardInterrupt, and the run ends `failed`.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-    received: list[str] = []
-
-    def handler(signum, _frame):
-        name = signal.Signals(signum).name
-        if received:
-            raise KeyboardInterrupt(f"received {name} again while stopping")
-        received.append(name)
-        on_signal(f"received {name}")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def run_training(
@@ -62,54 +26,43 @@ def run_training(
     on_step: Callable[[dict], None] | None = None,
     resume: bool = False,
 ) -> int:
-    """Train in `run_dir` (config.json already written). Returns the process exit code."""
+    """Train in `run_dir` (config.json already written). Returns the process exit code.
+
+    With `resume`, training continues from the newest complete checkpoint in the run folder; the
+    requests the earlier process acted on are in status.json and are not acted on again.
+    """
     from zimage.training.checkpoints import newest_checkpoint
-    from zimage.training.distributed import is_main_rank, process_rank
+    from zimage.training.distributed import is_main_rank
     from zimage.training.trainer import LoraTrainer
 
+    run_dir = Path(run_dir)
     main = is_main_rank()
-    run = RunFolder(run_dir)
-    checkpoint = newest_checkpoint(run.checkpoints_dir) if resume else None
-    if resume:
-        run.skip_pending_control()  # save/sample-now counts in control.json were handled before
-    reporter = Reporter(run if main else None, echo=echo if main else None)
-    if main:
-        run.mark_worker_started("train", total_steps=resolved.config.num_steps)
-        start = checkpoint.step if checkpoint else 0
-        reporter.status(resumed_from_step=start if resume else None, step=start)
+    checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
+    start = checkpoint.step if checkpoint else 0
+
+    def train(job: Job) -> dict:
+        job.status(resumed_from_step=start if resume else None, step=start)
         if resume and checkpoint is None:
-            reporter.log("Resume asked, but the run folder holds no complete checkpoint: starting at step 0")
-    reporter.progress(step=checkpoint.step if checkpoint else 0, phase="starting")
-    reporter.start_heartbeat()
-    trainer = LoraTrainer(resolved, settings, reporter, run_dir=run.path, resume_from=checkpoint)
-    try:
-        with stop_on_signals(trainer.request_stop):
-            trainer.setup()
-            result = trainer.train(on_step=on_step)
-        reporter.status(
-            state=result.state,
-            phase="done",
-            step=result.steps,
-            ended=time.time(),
-            output_path=str(result.output_path) if result.output_path else None,
-            final_loss=result.final_loss,
-        )
-        reporter.log(f"Run {result.state} at step {result.steps}")
-        return 0
-    except BaseException as exc:  # every failure, including KeyboardInterrupt, ends as `failed` on disk
-        message = str(exc) or type(exc).__name__
-        if _is_out_of_memory(exc):
-            message = out_of_memory_message(resolved.config, message)
-        tail = traceback.format_exc()[-TRACEBACK_TAIL:]
-        reporter.log(f"Failed: {message}")
-        if not main:  # this rank has no run folder to write: its own failure goes to its stderr
-            print(f"[rank {process_rank()}] failed: {message}\n{tail}", file=sys.stderr, flush=True)
-        step = trainer.step or (checkpoint.step if checkpoint else 0)
-        reporter.status(state="failed", step=step, ended=time.time(), error=message, traceback=tail)
-        return 1
-    finally:
-        reporter.stop_heartbeat()
-        trainer.cleanup()
+            job.log("Resume asked, but the run folder holds no complete checkpoint: starting at step 0")
+        job.progress(step=start, phase="starting")
+        trainer = LoraTrainer(resolved, settings, job, run_dir=run_dir, resume_from=checkpoint)
+        job.at_end(trainer.cleanup)  # after the final state is on disk, as before
+        job.when_stopped(trainer.request_stop)  # SIGTERM / SIGINT: save, then stop
+        trainer.setup()
+        result = trainer.train(on_step=on_step)
+        return {
+            "state": result.state,
+            "phase": "done",
+            "step": result.steps,
+            "output_path": str(result.output_path) if result.output_path else None,
+            "final_loss": result.final_loss,
+        }
+
+    def describe(exc: BaseException) -> str | None:
+        return out_of_memory_message(resolved.config, str(exc)) if _is_out_of_memory(exc) else None
+
+    return run_job(run_dir, "train", train, total_steps=resolved.config.num_steps, writer=main, echo=echo,
+                   describe_error=describe)  # fmt: skip
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
