@@ -4,7 +4,7 @@ import streamlit as st
 
 from zimage import jobs, registry
 from zimage.catalogue import list_models
-from zimage.data.folders import list_datasets
+from zimage.data.manage import dataset_rows
 from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
 from zimage.system import disk_usage, gpus
@@ -77,22 +77,12 @@ if not any(m.path for m in models):
     st.info("No model is on disk yet. Run `zimage demo` for the offline tiny model, or `zimage models download NAME`.")
 
 st.subheader("Datasets")
-datasets = list_datasets(settings.datasets_dir)
-if datasets:
-    rows = []
-    for folder in datasets:
-        info = folder.read_info()
-        items = folder.items()
-        rows.append(
-            {
-                "name": info.name,
-                "type": info.type,
-                "trigger word": info.trigger_word,
-                "images": len(items),
-                "captioned": sum(1 for i in items if i.caption_path.exists()),
-                "resolution": info.resolution,
-            }
-        )
-    st.dataframe(rows, hide_index=True, key="home_datasets")
+rows = dataset_rows(settings)  # a damaged dataset is listed as `damaged` with its reason
+if rows:
+    columns = ["name", "type", "trigger word", "images", "captioned", "resolution"]
+    st.dataframe([{k: r[k] for k in columns} for r in rows], hide_index=True, key="home_datasets")
+    for r in rows:
+        if r["problem"]:
+            st.warning(r["problem"])
 else:
     st.info("No datasets yet. Run `zimage demo` for the demo-shapes dataset.")

@@ -49,6 +49,9 @@ if not names:
     st.stop()
 name = st.selectbox("Dataset", names, key="dataset")
 folder = manage.open_dataset(settings, name)
+if problem := folder.problem():  # a damaged dataset.json: say which field, touch nothing
+    st.error(f"{problem}. Fix or replace {folder.info_path}; the other datasets work as usual.")
+    st.stop()
 info = folder.read_info()
 t_images, t_upload, t_bulk, t_stats, t_check, t_settings = st.tabs(
     ["Images & captions", "Upload", "Bulk edit", "Statistics", "Check", "Settings"]

@@ -195,12 +195,14 @@ def test_migrations_bring_an_old_database_up_and_refuse_a_newer_one(zhome):
     reg = Registry(zhome.db_path)
     reg.close()
     con = duckdb.connect(str(zhome.db_path))
-    con.execute("DROP VIEW jobs")
+    con.execute("DROP VIEW jobs")  # what versions 2 and 3 added
+    con.execute("ALTER TABLE datasets DROP COLUMN problem")
     con.execute("UPDATE schema_meta SET value = '1'")
     con.close()
     reg = Registry(zhome.db_path)
-    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "2"
+    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "3"
     assert reg.fetch("SELECT count(*) FROM jobs") == [(0,)]
+    assert reg.fetch("SELECT count(problem) FROM datasets") == [(0,)]
     reg.close()
     con = duckdb.connect(str(zhome.db_path))
     con.execute("UPDATE schema_meta SET value = '99'")

@@ -44,9 +44,10 @@ def run_list(args) -> int:
     rows = dataset_rows(get_settings())
     print(f"{'NAME':<24} {'TYPE':<10} {'IMAGES':>6} {'CAPTIONED':>9} {'RES':>5}  TRIGGER")
     for r in rows:
-        print(
-            f"{r['name']:<24} {r['type']:<10} {r['images']:>6} {r['captioned']:>9} {r['resolution']:>5}  {r['trigger word']}"
-        )
+        res = r["resolution"] if r["resolution"] is not None else "-"
+        print(f"{r['name']:<24} {r['type']:<10} {r['images']:>6} {r['captioned']:>9} {res:>5}  {r['trigger word']}")
+        if r["problem"]:
+            print(f"{'':<24} {r['problem']}")
     return 0
 
 

@@ -5,16 +5,19 @@ The folder is the truth; dataset.json holds the settings a person chose (DESIGN.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from zimage.data.images import is_image_name
 from zimage.errors import UserError
 from zimage.fsio import atomic_write, write_json
+from zimage.records import Damaged, Record, read_record
 
 DATASET_TYPES = ("character", "style", "concept")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -59,6 +62,24 @@ class DatasetInfo:
         return cls(**known)
 
 
+class DatasetRecord(Record):
+    """The schema of dataset.json as read back (hand edits included); unknown keys are kept and ignored."""
+
+    name: str = ""
+    type: Literal["character", "style", "concept"] = "character"
+    trigger_word: str = ""
+    description: str = ""
+    resolution: int = Field(default=1024, ge=64, le=8192)
+    num_images: int = Field(default=0, ge=0)
+    created: str = ""
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+
+
+class DamagedDataset(UserError):
+    """dataset.json cannot be read; the message names the file and the field."""
+
+
 @dataclass
 class DatasetItem:
     image: Path
@@ -93,10 +114,26 @@ class DatasetFolder:
     def exists(self) -> bool:
         return self.info_path.exists()
 
-    def read_info(self) -> DatasetInfo:
-        if not self.info_path.exists():
+    def info_or_problem(self) -> DatasetInfo | Damaged:
+        """dataset.json as a DatasetInfo (defaults when the file is absent), or the problem with it."""
+        rec = read_record(self.info_path, DatasetRecord, missing=None)
+        if rec is None:
             return DatasetInfo(name=self.path.name)
-        return DatasetInfo.from_dict(json.loads(self.info_path.read_text(encoding="utf-8")))
+        if isinstance(rec, Damaged):
+            return Damaged(rec.path, f"dataset {self.path.name}: {rec.problem}")
+        return DatasetInfo.from_dict(rec.model_dump())
+
+    def problem(self) -> str | None:
+        """None when dataset.json reads cleanly, else why the dataset is damaged."""
+        info = self.info_or_problem()
+        return info.problem if isinstance(info, Damaged) else None
+
+    def read_info(self) -> DatasetInfo:
+        """dataset.json as a DatasetInfo; a damaged file raises DamagedDataset naming the field."""
+        info = self.info_or_problem()
+        if isinstance(info, Damaged):
+            raise DamagedDataset(f"{info.problem} ({self.info_path}); fix or delete the file")
+        return info
 
     def write_info(self, info: DatasetInfo) -> None:
         info.num_images = len(self.items())

@@ -18,6 +18,7 @@ from pathlib import Path
 from zimage.data.folders import DATASET_TYPES, DatasetFolder, DatasetInfo, DatasetItem, check_slug
 from zimage.errors import UserError
 from zimage.fsio import atomic_write
+from zimage.records import Damaged
 from zimage.settings import Settings
 
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 4096
@@ -128,8 +129,17 @@ def dataset_rows(settings: Settings) -> list[dict]:
 
     rows = []
     for folder in list_datasets(settings.datasets_dir):
-        info = folder.read_info()
+        info = folder.info_or_problem()
         items = folder.items()
+        if isinstance(info, Damaged):  # shown with its reason; the other datasets are not affected
+            rows.append(
+                {
+                    "name": folder.path.name, "type": "damaged", "trigger word": "", "images": len(items),
+                    "captioned": sum(1 for i in items if i.caption_path.exists()), "resolution": None,
+                    "description": info.problem, "problem": info.problem,
+                }
+            )  # fmt: skip
+            continue
         rows.append(
             {
                 "name": folder.path.name,
@@ -139,6 +149,7 @@ def dataset_rows(settings: Settings) -> list[dict]:
                 "captioned": sum(1 for i in items if i.caption_path.exists()),
                 "resolution": info.resolution,
                 "description": info.description,
+                "problem": "",
             }
         )
     return rows
@@ -261,6 +272,7 @@ def bulk_edit_captions(
 
 
 # -- content hashes (duplicates) ------------------------------------------------------------------
+
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zimage.data.folders import DatasetFolder, list_datasets
+from zimage.records import Damaged
 from zimage.registry.db import Registry
 from zimage.registry.jsonl import Chunk, drop_superseded, parse_metrics, parse_samples, read_new_bytes
 from zimage.registry.rows import (
@@ -164,15 +165,25 @@ class Ingester:
                     if folder is None:
                         self._dataset_sigs.pop(name, None)
                         continue
-                    info, items = folder.read_info(), folder.items()
-                    cur.execute(
-                        "INSERT INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [
+                    info, items = folder.info_or_problem(), folder.items()
+                    captioned = sum(1 for i in items if i.caption_path.exists())
+                    try:
+                        updated = folder.info_path.stat().st_mtime
+                    except OSError:
+                        updated = None
+                    if isinstance(info, Damaged):  # indexed with its reason; never stops the other datasets
+                        values = [name, "damaged", "", info.problem, None, len(items), captioned, "",
+                                  str(folder.path), updated, info.problem]  # fmt: skip
+                    else:
+                        values = [
                             name, info.type, info.trigger_word, info.description, to_int(info.resolution),
-                            len(items), sum(1 for i in items if i.caption_path.exists()), to_str(info.created),
-                            str(folder.path), folder.info_path.stat().st_mtime,
-                        ],
-                    )  # fmt: skip
+                            len(items), captioned, to_str(info.created), str(folder.path), updated, None,
+                        ]  # fmt: skip
+                    cur.execute(
+                        "INSERT INTO datasets (name, type, trigger_word, description, resolution, num_images, "
+                        "captioned, created, path, updated, problem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        values,
+                    )
 
     # -- one run ------------------------------------------------------------------------------------
     def ingest_run(self, run_id: str) -> int:

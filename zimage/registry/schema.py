@@ -60,7 +60,12 @@ _V2 = [
     "CREATE OR REPLACE VIEW jobs AS SELECT * FROM runs WHERE kind <> 'train'",
 ]
 
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2)]
+# v3: a dataset (or run) whose file is damaged is listed with the reason instead of being dropped.
+_V3 = [
+    "ALTER TABLE datasets ADD COLUMN problem VARCHAR",
+]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TABLES = ("datasets", "runs", "metrics", "samples", "checkpoints")  # the content `rebuild` reproduces
 
