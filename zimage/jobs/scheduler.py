@@ -233,6 +233,13 @@ class Scheduler:
         """One tick (public so tests and `zimage worker --once` can drive it)."""
         if self._answer_inbox() == "handover":
             return "handover"
+        if not self.settings.db_path.exists():
+            # Deleted under us (by hand, a cleanup script): DuckDB would go on writing to the unlinked file
+            # and the next process would find nothing. The folders are the truth, so rebuild from them now.
+            log.warning("%s was deleted while in use; rebuilding it from the run folders", self.settings.db_path)
+            counts = self.rebuild()
+            log.warning("registry recreated: %d runs, %d datasets", counts["runs"], counts["datasets"])
+            return None
         if full:
             with self._dirty_lock:
                 self._dirty.clear()
