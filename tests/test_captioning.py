@@ -112,7 +112,7 @@ def test_stop_pause_and_resume(zhome, dataset, tiny_captioners):
     first = set(captions(dataset))
     assert first == {"a", "b", "c"}
     # Resume (as requeue does): the new process skips the four files already done.
-    run.clear_stop()
+    run.retire_control()
     run.update_status(state="queued", resume=True)
     assert run_caption_job(run.path) == 0
     status = run.read_status()

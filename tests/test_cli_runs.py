@@ -8,7 +8,10 @@ import sys
 import time
 
 import pytest
+from train_support import fast_config
 
+from zimage.captioning.config import caption_config
+from zimage.captioning.tiny import write_tiny_blip
 from zimage.jobs.launcher import process_alive
 from zimage.jobs.queue import queued_runs
 from zimage.jobs.scheduler import Scheduler
@@ -46,31 +49,48 @@ def state(settings, run_id):
 
 
 @pytest.fixture()
-def app(zhome):
+def home(zhome_demo, tmp_path_factory):
+    """The tiny model and demo-shapes; the latent/text cache shared with the trainer test modules."""
+    shared = tmp_path_factory.getbasetemp() / "zimage-shared-train-cache"
+    shared.mkdir(exist_ok=True)
+    zhome_demo.cache_dir.symlink_to(shared, target_is_directory=True)
+    return zhome_demo
+
+
+@pytest.fixture()
+def app(home):
     """The app's scheduler, in this process, holding registry.duckdb open read-write."""
-    sched = Scheduler(zhome, slots=SlotConfig(), tick=0.2, rescan=1.0).start()
+    sched = Scheduler(home, slots=SlotConfig(), tick=0.2, rescan=1.0).start()
     assert sched.ready.wait(15) and sched.scanned.wait(15)
     yield sched
     sched.stop()
-    for run_dir in zhome.runs_dir.iterdir():
+    for run_dir in home.runs_dir.iterdir():
         st = read_json(run_dir / "status.json", {}) or {}
         if st.get("pid") and process_alive(st["pid"], st.get("pid_start_time")):
             os.kill(st["pid"], signal.SIGKILL)
 
 
-def test_queue_and_runs_commands_while_the_app_owns_the_registry(zhome, app, tmp_path):
-    cfg = tmp_path / "fake.json"
-    cfg.write_text(json.dumps({"steps": 100000, "interval": 0.01}))
-    out = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "first").stdout
-    first = out.split()[1]
-    assert (zhome.runs_dir / first / "config.json").exists()
-    wait_for(lambda: state(zhome, first) == "running")
-    second = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "second").stdout.split()[1]
-    third = zimage(zhome, "queue", "add", str(cfg), "--kind", "fake", "--name", "third").stdout
+def test_queue_and_runs_commands_while_the_app_owns_the_registry(home, app, tmp_path):
+    train = tmp_path / "train.json"  # the tiny trainer: it trains until it is stopped
+    train.write_text(json.dumps(fast_config(num_steps=100000, output_name="first")))
+    write_tiny_blip(tmp_path / "tiny-blip")
+    caption = tmp_path / "caption.json"
+    caption.write_text(json.dumps(caption_config(dataset="demo-shapes", model=str(tmp_path / "tiny-blip"),
+                                                 images=["001.png"], mode="all", num_beams=1, device="cpu")))  # fmt: skip
+
+    def add(cfg, name: str, *kind: str) -> str:
+        return zimage(home, "queue", "add", str(cfg), "--name", name, *kind).stdout
+
+    first = add(train, "first").split()[1]
+    assert (home.runs_dir / first / "config.json").exists()
+    wait_for(lambda: state(home, first) == "running", 90)
+    second = add(caption, "second", "--kind", "caption").split()[1]
+    RunFolder(home.runs_dir / second).send_control("pause")  # it waits, once started, until it is stopped
+    third = add(caption, "third", "--kind", "caption")
     assert "(position 2)" in third
     third = third.split()[1]
 
-    shown = zimage(zhome, "queue").stdout
+    shown = zimage(home, "queue").stdout
     assert "scheduler: the zimage app (pid" in shown
     lines = [ln.split() for ln in shown.splitlines()[2:]]
     assert [(ln[0], ln[1], ln[4]) for ln in lines] == [
@@ -78,43 +98,45 @@ def test_queue_and_runs_commands_while_the_app_owns_the_registry(zhome, app, tmp
         ("1", second, "queued"),
         ("2", third, "queued"),
     ]
-    assert "now at position 1" in zimage(zhome, "queue", "up", third).stdout
-    assert [rid for rid, _ in queued_runs(zhome)] == [third, second]
-    assert "cancelled" in zimage(zhome, "queue", "cancel", third).stdout
-    assert state(zhome, third) == "stopped"
+    assert "now at position 1" in zimage(home, "queue", "up", third).stdout
+    assert [rid for rid, _ in queued_runs(home)] == [third, second]
+    assert "cancelled" in zimage(home, "queue", "cancel", third).stdout
+    assert state(home, third) == "stopped"
 
-    listed = [json.loads(ln) for ln in zimage(zhome, "runs", "list", "--json").stdout.splitlines()]
+    listed = [json.loads(ln) for ln in zimage(home, "runs", "list", "--json").stdout.splitlines()]
     assert {r["run_id"]: r["state"] for r in listed} == {first: "running", second: "queued", third: "stopped"}
-    assert "user" in listed[0] and listed[0]["kind"] == "fake"
+    assert "user" in listed[0] and {r["run_id"]: r["kind"] for r in listed}[first] == "train"
+    assert {r["run_id"]: r["kind"] for r in listed}[second] == "caption"
     assert [
         json.loads(ln)["run_id"]
-        for ln in zimage(zhome, "runs", "list", "--state", "queued", "--json").stdout.splitlines()
+        for ln in zimage(home, "runs", "list", "--state", "queued", "--json").stdout.splitlines()
     ] == [second]
-    assert second in zimage(zhome, "runs", "list", "--text", "SECOND").stdout
+    assert second in zimage(home, "runs", "list", "--text", "SECOND").stdout
 
-    assert "pause requested" in zimage(zhome, "runs", "pause", first).stdout
-    wait_for(lambda: state(zhome, first) == "paused")
-    shown = zimage(zhome, "runs", "show", first).stdout
+    wait_for(lambda: (home.runs_dir / first / "metrics.jsonl").exists(), 60)  # a step trained
+    assert "pause requested" in zimage(home, "runs", "pause", first).stdout
+    wait_for(lambda: state(home, first) == "paused")
+    shown = zimage(home, "runs", "show", first).stdout
     assert "state    paused" in shown and "metrics  step=" in shown
-    assert json.loads(zimage(zhome, "runs", "show", first, "--json").stdout)["status"]["state"] == "paused"
-    zimage(zhome, "runs", "resume", first)
-    wait_for(lambda: state(zhome, first) == "running")
-    assert "stop requested" in zimage(zhome, "runs", "stop", first).stdout
-    wait_for(lambda: state(zhome, first) == "stopped")
-    wait_for(lambda: state(zhome, second) == "running")  # the queue moved on by itself
-    zimage(zhome, "runs", "stop", second)
+    assert json.loads(zimage(home, "runs", "show", first, "--json").stdout)["status"]["state"] == "paused"
+    zimage(home, "runs", "resume", first)
+    wait_for(lambda: state(home, first) == "running")
+    assert "stop requested" in zimage(home, "runs", "stop", first).stdout
+    wait_for(lambda: state(home, first) == "stopped", 60)
+    wait_for(lambda: state(home, second) in ("starting", "running", "paused"), 60)  # the queue moved on by itself
+    zimage(home, "runs", "stop", second)
 
-    refused = zimage(zhome, "runs", "delete", third, check=False)
+    refused = zimage(home, "runs", "delete", third, check=False)
     assert refused.returncode == 2 and "add --yes" in refused.stderr
-    assert "deleted" in zimage(zhome, "runs", "delete", third, "--yes").stdout
-    assert not (zhome.runs_dir / third).exists()
-    missing = zimage(zhome, "runs", "show", third, check=False)
+    assert "deleted" in zimage(home, "runs", "delete", third, "--yes").stdout
+    assert not (home.runs_dir / third).exists()
+    missing = zimage(home, "runs", "show", third, check=False)
     assert missing.returncode == 2 and "no such run" in missing.stderr
 
-    rebuilt = zimage(zhome, "registry", "rebuild").stdout
+    rebuilt = zimage(home, "registry", "rebuild").stdout
     assert "rebuilt by the zimage app" in rebuilt and "2 runs" in rebuilt
-    assert "owner     the zimage app" in zimage(zhome, "registry", "status").stdout
-    wait_for(lambda: app.registry.fetch("SELECT count(*) FROM runs WHERE state = 'stopped'") == [(2,)])
+    assert "owner     the zimage app" in zimage(home, "registry", "status").stdout
+    wait_for(lambda: app.registry.fetch("SELECT count(*) FROM runs WHERE state = 'stopped'") == [(2,)], 60)
 
 
 def test_queue_add_validates_a_training_config_first(zhome_demo, tmp_path):

@@ -1,4 +1,7 @@
-"""Acceptance: 4 real workers append 20,000 metric lines each while 8 threads poll the page queries."""
+"""Acceptance: 4 real workers append 20,000 metric lines each while 8 threads poll the page queries.
+
+The workers are tests/support_worker.py (a real run_job worker writing metrics at a set rate: no real kind
+writes 80,000 lines in seconds), launched by this process's scheduler through the test-local hook."""
 
 import os
 import random
@@ -7,6 +10,7 @@ import threading
 import time
 
 import pytest
+import support_worker
 
 from zimage import registry as R
 from zimage.jobs import enqueue, registry_for
@@ -20,11 +24,12 @@ POLL_SECONDS = 30
 
 
 @pytest.mark.slow
-def test_four_writers_and_eight_readers(zhome):
+def test_four_writers_and_eight_readers(zhome, monkeypatch):
+    support_worker.install(monkeypatch)
     ids = [
         enqueue(
             zhome,
-            "fake",
+            support_worker.KIND,
             {"steps": LINES, "lines_per_tick": 25, "interval": 0.03, "status_every": 0.5},
             user=f"user{i % 2}",
             name=f"writer{i}",

@@ -4,12 +4,17 @@ import json
 import os
 
 import pytest
+from train_support import fast_config
 
+from zimage.captioning.config import caption_config
 from zimage.jobs import JobError, cancel, control, delete_run, enqueue, move_down, move_up, requeue, resolve_user
 from zimage.jobs.queue import check_run_id, queued_runs
 from zimage.jobs.slots import SlotConfig, SlotConfigError, assign, slot_config
 from zimage.jobs.users import BadUserName, os_user
-from zimage.runfolder import RunFolder
+from zimage.runfolder import ControlRequests, RunFolder
+
+CAPTION = caption_config(dataset="pets", model="blip-base")  # valid configs: nothing here launches them
+TRAIN = fast_config()
 
 
 def _order(settings):
@@ -27,7 +32,7 @@ def test_enqueue_writes_config_and_queued_status(zhome):
     assert status["name"] == "My LoRA" and status["gpus"] == 1 and status["created"] > 0
     assert sorted(p.name for p in zhome.runs_dir.iterdir()) == [run_id]  # no hidden temp folder left
     # the CLI's user when none is given
-    other = enqueue(zhome, "fake", {}, name="x")
+    other = enqueue(zhome, "caption", CAPTION, name="x")
     assert RunFolder(zhome.runs_dir / other).read_status()["user"] == os_user()
 
 
@@ -46,7 +51,8 @@ def test_enqueue_refuses_bad_input_without_leaving_files(zhome):
 
 
 def test_fifo_order_move_up_down_and_cancel(zhome):
-    a, b, c = (enqueue(zhome, "fake", {}, name=n) for n in "abc")
+    a, b, c = (enqueue(zhome, kind, config, name=n) for n, kind, config in
+               (("a", "train", TRAIN), ("b", "caption", CAPTION), ("c", "train", TRAIN)))  # fmt: skip
     assert _order(zhome) == [a, b, c]
     assert move_up(zhome, c) == 1
     assert _order(zhome) == [a, c, b]
@@ -54,7 +60,7 @@ def test_fifo_order_move_up_down_and_cancel(zhome):
     assert _order(zhome) == [c, a, b]
     assert move_down(zhome, c) == 1
     assert _order(zhome) == [a, c, b]
-    d = enqueue(zhome, "fake", {}, name="d")  # new jobs go to the end, even after moves
+    d = enqueue(zhome, "caption", CAPTION, name="d")  # new jobs go to the end, even after moves
     assert _order(zhome) == [a, c, b, d]
     cancel(zhome, c)
     assert _order(zhome) == [a, b, d]
@@ -70,7 +76,7 @@ def test_fifo_order_move_up_down_and_cancel(zhome):
 
 
 def test_control_needs_the_right_state(zhome):
-    run_id = enqueue(zhome, "fake", {})
+    run_id = enqueue(zhome, "caption", CAPTION)
     with pytest.raises(JobError, match="is queued; pause needs a running run"):
         control(zhome, run_id, "pause")
     with pytest.raises(JobError, match="action: 'explode'"):
@@ -81,26 +87,28 @@ def test_control_needs_the_right_state(zhome):
         control(zhome, "../../etc", "stop")
     folder = RunFolder(zhome.runs_dir / run_id)
     folder.update_status(state="running", pid=os.getpid())
-    assert control(zhome, run_id, "pause") == "pause requested"
-    assert json.loads(folder.control_path.read_text())["pause"] is True
+    assert control(zhome, run_id, "pause", user="ann") == "pause requested"
+    (pause,) = json.loads(folder.control_path.read_text())["requests"]
+    assert (pause["action"], pause["user"]) == ("pause", "ann") and pause["id"] and pause["at"] > 0
     assert control(zhome, run_id, "save_now") == "save_now requested"
     assert control(zhome, run_id, "stop") == "stop requested"
-    assert json.loads(folder.control_path.read_text())["stop"] is True
+    assert [r["action"] for r in folder.read_control()] == ["pause", "save_now", "stop"]
     with pytest.raises(JobError, match="is running; stop it before deleting"):
         delete_run(zhome, run_id)
 
 
-def test_resume_of_a_finished_run_requeues_it_and_clears_the_stop(zhome):
-    first, second = enqueue(zhome, "fake", {}), enqueue(zhome, "fake", {})
+def test_resume_of_a_finished_run_requeues_it_and_the_old_stop_no_longer_acts(zhome):
+    first, second = enqueue(zhome, "train", TRAIN), enqueue(zhome, "train", TRAIN)
     folder = RunFolder(zhome.runs_dir / first)
     folder.update_status(state="running")
-    folder.send_control("stop")
-    folder.update_status(state="stopped", ended=1.0)
+    stop = folder.send_control("stop")
+    folder.update_status(state="stopped", ended=1.0)  # its worker died before it saw the stop
     assert control(zhome, first, "resume", user="bob") == "requeued"
     status = folder.read_status()
     assert status["state"] == "queued" and status["resume"] is True and status["resumes"] == 1
     assert status["requeued_by"] == "bob" and status["ended"] is None
-    assert json.loads(folder.control_path.read_text())["stop"] is False
+    assert folder.handled_control() == [stop["id"]] and folder.read_control() == [stop]  # kept, as handled
+    assert RunFolder(folder.path).poll_control() == ControlRequests()  # the resumed worker is not stopped
     assert _order(zhome) == [second, first]  # back of the line
     folder.update_status(state="completed")
     with pytest.raises(JobError, match="only stopped, failed or lost"):
@@ -108,7 +116,7 @@ def test_resume_of_a_finished_run_requeues_it_and_clears_the_stop(zhome):
 
 
 def test_delete_removes_the_folder(zhome):
-    run_id = enqueue(zhome, "fake", {})
+    run_id = enqueue(zhome, "caption", CAPTION)
     RunFolder(zhome.runs_dir / run_id).update_status(state="completed")
     delete_run(zhome, run_id)
     assert list(zhome.runs_dir.iterdir()) == []

@@ -1,15 +1,29 @@
-"""The scheduler with real detached workers (the fake kind): FIFO, GPU slots, control, faults, restarts."""
+"""The scheduler with real detached workers: FIFO, GPU slots, control, faults, restarts.
+
+The workers are the product's: the tiny trainer and the captioner on a tiny BLIP, launched as
+`zimage train|caption --run-dir DIR`. Only the test that needs a worker failing at a chosen step launches
+tests/support_worker.py, through its test-local `install` hook. A pause asked before a worker starts is
+honoured at its first poll, which holds a real worker in place as long as a test needs.
+"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
+import support_worker
+from PIL import Image
+from train_support import fast_config
 
 from zimage import registry as R
+from zimage.captioning.config import caption_config
+from zimage.captioning.tiny import write_tiny_blip
+from zimage.data.manage import create_dataset
 from zimage.jobs import control, enqueue, registry_for
 from zimage.jobs.launcher import process_alive
 from zimage.jobs.owner import OwnerLock
@@ -37,6 +51,56 @@ def status(settings, run_id):
 def db_state(sched, run_id):
     rows = sched.registry.fetch("SELECT state FROM runs WHERE run_id = ?", [run_id])
     return rows[0][0] if rows else None
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captioner") / "tiny-blip"
+    write_tiny_blip(path)
+    return path
+
+
+@pytest.fixture()
+def home(zhome_demo, tmp_path_factory):
+    """The tiny model and demo-shapes; the latent/text cache shared with the trainer test modules."""
+    shared = tmp_path_factory.getbasetemp() / "zimage-shared-train-cache"
+    shared.mkdir(exist_ok=True)
+    zhome_demo.cache_dir.symlink_to(shared, target_is_directory=True)
+    return zhome_demo
+
+
+def captioning(blip, images=("001.png", "002.png"), dataset="demo-shapes"):
+    """A caption job of a few images, one per batch, on the CPU (a GPU id given to it must not matter)."""
+    return caption_config(dataset=dataset, model=str(blip), images=list(images) if images else None, mode="all",
+                          batch_size=1, num_beams=1, max_new_tokens=4, device="cpu", trigger_prefix=False)  # fmt: skip
+
+
+def paused_in_advance(settings, run_id):
+    RunFolder(settings.runs_dir / run_id).send_control("pause")  # acted on at the worker's first poll
+
+
+def worker_started(settings, run_id):
+    """The worker process itself has recorded that it runs (its pid; the launcher leaves that empty)."""
+    return bool(status(settings, run_id).get("pid"))
+
+
+def last_step(settings, run_id):
+    """The step of the run's newest metrics line (on disk within half a second of the step)."""
+    path = settings.runs_dir / run_id / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
+
+
+def repeated_log_lines(path) -> tuple[int, dict[str, int]]:
+    """(how many lines the worker logged, those of its messages found more than once in log.txt, with
+    or without the time stamp: the launcher sends the worker's stdout and stderr to log.txt as well)."""
+    lines = [line for line in path.read_text().split("\n") if line.strip()]
+    ours = {STAMP.sub("", line) for line in lines if STAMP.match(line)}
+    counts = Counter(STAMP.sub("", line) for line in lines)
+    return len(ours), {message: n for message, n in counts.items() if message in ours and n > 1}
 
 
 @pytest.fixture(autouse=True)
@@ -78,40 +142,54 @@ def zimage_worker(settings, *args):
     )
 
 
-def test_cpu_host_runs_queued_jobs_one_at_a_time_in_order(zhome, start):
-    ids = [enqueue(zhome, "fake", {"steps": 4, "interval": 0.05}, user="ann", name=f"j{i}") for i in range(3)]
+def test_cpu_host_runs_queued_jobs_one_at_a_time_in_order_each_log_line_once(home, start, tiny_blip):
+    ids = [enqueue(home, "train", fast_config(num_steps=4, output_name="first"), user="ann", name="j0"),
+           enqueue(home, "caption", captioning(tiny_blip), user="ann", name="j1")]  # fmt: skip
     sched = start()
-    wait_for(lambda: all(db_state(sched, r) == "completed" for r in ids), 30, "three completed jobs")
-    runs = [status(zhome, r) for r in ids]
-    for before, after in zip(runs, runs[1:], strict=False):
-        assert after["started"] >= before["ended"]  # never two at once, in queue order
-    assert all(r["cuda_visible_devices"] == "" and r["gpu_ids"] == "" for r in runs)
-    assert sched.registry.fetch("SELECT count(*) FROM metrics") == [(12,)]
-    log = (zhome.runs_dir / ids[0] / "log.txt").read_text()
-    assert "launch:" in log and "fake worker pid=" in log and "CUDA_VISIBLE_DEVICES=''" in log
+    wait_for(lambda: db_state(sched, ids[0]) == "completed" and worker_started(home, ids[1]), 90, "the second job")
+    runs = [status(home, r) for r in ids]
+    assert runs[1]["started"] >= runs[0]["ended"]  # never two at once, in queue order
+    assert [r["kind"] for r in runs] == ["train", "caption"]
+    assert all(r["cuda_visible_devices"] == "" and r["gpu_ids"] == "" for r in runs)  # what the worker saw
+    assert sched.registry.fetch("SELECT count(*) FROM metrics WHERE run_id = ?", [ids[0]]) == [(4,)]
+    log = (home.runs_dir / ids[0] / "log.txt").read_text()
+    assert "launch: " in log and "Training 4 steps" in log and "Run completed at step 4" in log
+    count, repeated = repeated_log_lines(home.runs_dir / ids[0] / "log.txt")
+    assert count >= 7 and repeated == {}  # launch, dataset, encodings, LoRA, training, saved, completed
 
 
-def test_gpu_slots_run_jobs_side_by_side_with_their_own_devices(zhome, start):
-    ids = [enqueue(zhome, "fake", {"steps": 30, "interval": 0.05}, name=f"g{i}") for i in range(3)]
-    big = enqueue(zhome, "fake", {"steps": 2}, name="big", gpus=3)
+def test_gpu_slots_run_jobs_side_by_side_with_their_own_devices(home, start, tiny_blip):
+    ids = [enqueue(home, "caption", captioning(tiny_blip), name=f"g{i}") for i in range(3)]
+    for run_id in ids[:2]:
+        paused_in_advance(home, run_id)  # both hold their slot until resumed
+    big = enqueue(home, "caption", captioning(tiny_blip), name="big", gpus=3)
     sched = start(SlotConfig(("0", "1")))
-    wait_for(lambda: all(status(zhome, r).get("state") == "running" for r in ids[:2]), 15, "two running jobs")
-    assert status(zhome, ids[2])["state"] == "queued"  # both slots are taken
-    assert sorted(status(zhome, r)["cuda_visible_devices"] for r in ids[:2]) == ["0", "1"]
-    wait_for(lambda: status(zhome, ids[2]).get("state") in ("running", "completed"), 15, "the third job")
-    wait_for(lambda: db_state(sched, big) == "failed", 20, "the oversized job refused")
-    assert "needs 3 GPUs; this host offers 2" in status(zhome, big)["error"]
+    wait_for(lambda: all(worker_started(home, r) for r in ids[:2]), 60, "two started jobs")
+    assert status(home, ids[2])["state"] == "queued"  # both slots are taken
+    assert sorted(status(home, r)["cuda_visible_devices"] for r in ids[:2]) == ["0", "1"]
+    for run_id in ids[:2]:
+        control(home, run_id, "stop")
+    wait_for(lambda: worker_started(home, ids[2]), 60, "the third job")
+    wait_for(lambda: db_state(sched, big) == "failed", 60, "the oversized job refused")
+    assert "needs 3 GPUs; this host offers 2" in status(home, big)["error"]
+    assert [status(home, r)["state"] for r in ids[:2]] == ["stopped", "stopped"]
+    assert status(home, ids[2])["cuda_visible_devices"] in ("0", "1")
 
 
-def test_sigkill_marks_the_run_lost_with_its_last_step(zhome, start):
-    run_id = enqueue(zhome, "fake", {"steps": 100000, "interval": 0.01})
+def test_sigkill_marks_the_run_lost_with_its_last_step(home, start, tiny_blip):
+    folder = create_dataset(home, "many")
+    for i in range(300):
+        Image.new("RGB", (16, 16), (i % 256, 90, 200)).save(folder.images_dir / f"{i:03d}.png")
+    run_id = enqueue(home, "caption", captioning(tiny_blip, images=None, dataset="many"))
     sched = start()
-    wait_for(lambda: (status(zhome, run_id).get("step") or 0) >= 5, 15, "a few steps")
-    pid = status(zhome, run_id)["pid"]
+    wait_for(lambda: (status(home, run_id).get("step") or 0) >= 5, 60, "a few images")
+    pid = status(home, run_id)["pid"]
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: db_state(sched, run_id) == "lost", 30, "state lost")  # within 30 s, or it fails
-    st = status(zhome, run_id)
-    assert st["step"] >= 5 and st["last_heartbeat"] > 0 and st["ended"] >= st["last_heartbeat"]
+    killed = time.monotonic()
+    wait_for(lambda: db_state(sched, run_id) == "lost", 30, "state lost")
+    assert time.monotonic() - killed < 30
+    st = status(home, run_id)
+    assert 5 <= st["step"] < 300 and st["last_heartbeat"] > 0 and st["ended"] >= st["last_heartbeat"]
     assert f"worker process {pid} ended without a final state (last step {st['step']})" == st["error"]
     row = sched.registry.fetch("SELECT step, last_heartbeat, error FROM runs WHERE run_id = ?", [run_id])[0]
     assert row[0] == st["step"] and row[1] == st["last_heartbeat"] and "without a final state" in row[2]
@@ -122,10 +200,10 @@ def test_a_reused_pid_is_not_taken_for_the_worker(zhome, start):
     try:
         alive = RunFolder(zhome.runs_dir / "20260101-000000-alive-0000")
         alive.update_status(
-            state="running", kind="fake", pid=sleeper.pid, pid_start_time=process_start_time(sleeper.pid)
+            state="running", kind="caption", pid=sleeper.pid, pid_start_time=process_start_time(sleeper.pid)
         )
         reused = RunFolder(zhome.runs_dir / "20260101-000000-reused-0000")
-        reused.update_status(state="running", kind="fake", pid=sleeper.pid, pid_start_time=12345.0, step=7)
+        reused.update_status(state="running", kind="caption", pid=sleeper.pid, pid_start_time=12345.0, step=7)
         sched = start()
         wait_for(lambda: db_state(sched, reused.run_id) == "lost", 10, "the reused PID run lost")
         time.sleep(0.5)
@@ -136,54 +214,69 @@ def test_a_reused_pid_is_not_taken_for_the_worker(zhome, start):
         sleeper.wait()
 
 
-def test_pause_resume_save_stop_and_resume_from_checkpoint(zhome, start):
-    run_id = enqueue(zhome, "fake", {"steps": 300, "interval": 0.01})
+def test_pause_resume_save_stop_and_resume_from_checkpoint(home, start):
+    run_id = enqueue(home, "train", fast_config(num_steps=100000, output_name="controlled"))
+    folder = RunFolder(home.runs_dir / run_id)
     start()
-    wait_for(lambda: (status(zhome, run_id).get("step") or 0) >= 10, 15, "running")
-    assert control(zhome, run_id, "pause") == "pause requested"
-    wait_for(lambda: status(zhome, run_id)["state"] == "paused", 10, "paused")
-    step = status(zhome, run_id)["step"]
-    time.sleep(0.4)
-    assert status(zhome, run_id)["step"] == step
-    control(zhome, run_id, "resume")
-    wait_for(lambda: status(zhome, run_id)["step"] > step, 10, "running again")
-    control(zhome, run_id, "save_now")
-    folder = RunFolder(zhome.runs_dir / run_id)
-    wait_for(lambda: any(folder.checkpoints_dir.glob("step-*")), 10, "a checkpoint")
-    control(zhome, run_id, "stop")
-    wait_for(lambda: status(zhome, run_id)["state"] == "stopped", 10, "stopped")
-    saved = int(next(folder.checkpoints_dir.glob("step-*")).name.split("-")[1])
-    assert control(zhome, run_id, "resume") == "requeued"
-    wait_for(lambda: status(zhome, run_id)["state"] == "completed", 20, "completed after resume")
-    assert f"start={saved}" in folder.log_path.read_text()  # continued from its checkpoint
+    wait_for(lambda: last_step(home, run_id) >= 10, 90, "training")
+    assert control(home, run_id, "pause") == "pause requested"
+    wait_for(lambda: status(home, run_id)["state"] == "paused", 20, "paused")
+    step = status(home, run_id)["step"]
+    time.sleep(0.6)
+    assert status(home, run_id)["step"] == step and last_step(home, run_id) == step  # no step while paused
+    control(home, run_id, "resume")
+    wait_for(lambda: last_step(home, run_id) > step, 20, "training again")
+    control(home, run_id, "save_now")
+    wait_for(lambda: any(folder.checkpoints_dir.glob("step-*")), 20, "a checkpoint")
+    control(home, run_id, "stop")
+    wait_for(lambda: status(home, run_id)["state"] == "stopped", 30, "stopped")
+    saved = status(home, run_id)["step"]  # the stop saved a checkpoint there too: the newest
+    assert sorted(p.name for p in folder.checkpoints_dir.glob("step-*"))[-1] == f"step-{saved:06d}"
+    assert control(home, run_id, "resume") == "requeued"
+    # The resumed worker continues from the checkpoint and is not stopped again by the old request.
+    wait_for(lambda: last_step(home, run_id) > saved, 90, "training after the resume")  # the old stop did not act again
+    st = status(home, run_id)
+    assert st["state"] == "running" and st["resumed_from_step"] == saved and st["resumes"] == 1
+    control(home, run_id, "stop")
+    wait_for(lambda: status(home, run_id)["state"] == "stopped", 30, "stopped again")
+    log = folder.log_path.read_text()
+    assert f"Resumed from step-{saved:06d}: continuing after step {saved}" in log
+    assert log.count("Stopping: stop requested from the app") == 2  # one per stop request, not one more
+    assert sorted(folder.handled_control()) == sorted(r["id"] for r in folder.read_control())
 
 
-def test_a_failing_worker_reports_its_error(zhome, start):
-    run_id = enqueue(zhome, "fake", {"steps": 10, "interval": 0.01, "fail_at": 3})
+def test_a_failing_worker_reports_its_error(zhome, start, monkeypatch):
+    support_worker.install(monkeypatch)  # a worker that fails at a chosen step, like no real one does on cue
+    run_id = enqueue(zhome, support_worker.KIND, {"steps": 10, "interval": 0.01, "fail_at": 3})
     sched = start()
-    wait_for(lambda: db_state(sched, run_id) == "failed", 15, "failed")
+    wait_for(lambda: db_state(sched, run_id) == "failed", 30, "failed")
     st = status(zhome, run_id)
-    assert st["error"] == "fake failure at step 3" and "RuntimeError" in st["traceback"]
-    assert R.run_detail(sched.registry, run_id)["error"] == "fake failure at step 3"
+    message = "RuntimeError: support worker failure at step 3"
+    assert st["error"] == message and "raise RuntimeError" in st["traceback"] and st["step"] == 2
+    assert R.run_detail(sched.registry, run_id)["error"] == message
 
 
-def test_stop_the_scheduler_and_start_it_again_reattaches_and_continues(zhome):
+def test_stop_the_scheduler_and_start_it_again_reattaches_and_continues(home, tiny_blip):
     """Acceptance: the app (here `zimage worker`, a real process) is killed and started again."""
-    first = enqueue(zhome, "fake", {"steps": 60, "interval": 0.05}, name="long")
-    second = enqueue(zhome, "fake", {"steps": 3, "interval": 0.01}, name="next")
-    app = zimage_worker(zhome)
+    first = enqueue(home, "caption", captioning(tiny_blip), name="long")
+    paused_in_advance(home, first)  # it holds its slot, across the restart, until resumed
+    second = enqueue(home, "caption", captioning(tiny_blip, images=("003.png",)), name="next")
+    app = zimage_worker(home)
     try:
-        wait_for(lambda: status(zhome, first).get("state") == "running", 20, "the first job running")
+        wait_for(lambda: status(home, first).get("state") == "paused", 60, "the first job started")
         os.killpg(app.pid, signal.SIGKILL)  # the whole app process group: workers are in their own sessions
         app.wait()
-        pid = status(zhome, first)["pid"]
-        assert process_alive(pid, status(zhome, first)["pid_start_time"])
-        assert OwnerLock(zhome).owner() is None  # the kernel dropped the dead owner's lock
-        assert status(zhome, second)["state"] == "queued"
-        app = zimage_worker(zhome)
-        wait_for(lambda: status(zhome, first).get("state") == "completed", 30, "the first job completed")
-        wait_for(lambda: status(zhome, second).get("state") == "completed", 30, "the queue continued")
-        a, b = status(zhome, first), status(zhome, second)
+        pid = status(home, first)["pid"]
+        assert process_alive(pid, status(home, first)["pid_start_time"])
+        assert OwnerLock(home).owner() is None  # the kernel dropped the dead owner's lock
+        assert status(home, second)["state"] == "queued"
+        app = zimage_worker(home)
+        wait_for(lambda: (read_json(home.registry_dir / "scheduler.json", {}) or {}).get("pid") == app.pid, 30,
+                 "the new app owning the registry")  # fmt: skip
+        control(home, first, "resume")
+        wait_for(lambda: status(home, first).get("state") == "completed", 60, "the first job completed")
+        wait_for(lambda: worker_started(home, second), 60, "the queue continued")
+        a, b = status(home, first), status(home, second)
         assert b["started"] >= a["ended"] and a["pid"] == pid  # the same worker finished: re-attached
     finally:
         os.killpg(app.pid, signal.SIGTERM)
@@ -202,7 +295,7 @@ def test_one_scheduler_per_host_and_the_app_takes_over_from_a_worker(zhome, monk
             env=dict(os.environ, ZIMAGE_HOME=str(zhome.home)), capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert refused.returncode == 1 and "already runs in `zimage worker`" in refused.stderr
-        queued = enqueue(zhome, "fake", {})
+        queued = enqueue(zhome, "caption", caption_config(dataset="demo-shapes", model="blip-base"))
         app = ensure_scheduler(zhome, **FAST)
         assert ensure_scheduler(zhome) is app  # guarded against a second start in the process
         assert app.ready.wait(20), app.status()  # the worker handed the registry over

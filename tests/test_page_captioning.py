@@ -91,7 +91,7 @@ def test_running_job_shows_progress_errors_and_stops(zhome_demo):
     errors = next(df.value for df in at.dataframe if "error" in df.value.columns)
     assert errors.to_dict("records") == [{"file": "002.png", "error": "not an image PIL can decode"}]
     at.button(key=f"stop_{run_id}").click().run()
-    assert json.loads(run.control_path.read_text())["stop"] is True
+    assert [r["action"] for r in json.loads(run.control_path.read_text())["requests"]] == ["stop"]
 
 
 def test_page_without_datasets_says_where_to_start(zhome):

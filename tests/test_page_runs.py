@@ -122,7 +122,7 @@ def test_live_run_progress_charts_and_controls(home):
     assert len(spec["layer"]) == 2 and spec["layer"][1]["encoding"]["y"]["scale"]["type"] == "log"
     at.button(key="run_pause").click().run()
     control = json.loads((home.runs_dir / "r-live" / "control.json").read_text())
-    assert control["pause"] is True
+    assert [r["action"] for r in control["requests"]] == ["pause"]
     assert any("pause requested" in t.value for t in at.toast)
     assert "r-live at step 40" in at.code[0].value
 

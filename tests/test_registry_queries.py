@@ -3,6 +3,7 @@
 import pytest
 
 from zimage import registry as R
+from zimage.captioning.config import caption_config
 from zimage.jobs import enqueue, move_up
 from zimage.registry.db import Registry
 from zimage.registry.ingest import Ingester
@@ -114,7 +115,8 @@ def test_samples_checkpoints_and_config_diff(zhome, reg):
 
 
 def test_queue_positions_follow_the_folders(zhome, reg):
-    a, b, c = (enqueue(zhome, "fake", {}, user="ann", name=n) for n in "abc")
+    config = caption_config(dataset="pets", model="blip-base")  # valid, though nothing here launches it
+    a, b, c = (enqueue(zhome, "caption", config, user="ann", name=n) for n in "abc")
     move_up(zhome, c)
     Ingester(reg, zhome).scan()
     q = R.queue(reg)

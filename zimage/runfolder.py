@@ -14,7 +14,7 @@ touches the database.
     log.txt, samples/, checkpoints/
 
 No control request is lost and none runs twice: only the app/CLI writes control.json, appending one
-request with a fresh id under a file lock; the worker never writes it, and records the ids it has acted
+request with a fresh id under a file lock (.control.lock, beside it); the worker never writes it, and records the ids it has acted
 on in status.json (`control_done`), so a resumed run never repeats what its predecessor did.
 """
 
@@ -188,7 +188,7 @@ class RunFolder:
         if user:
             request["user"] = user
         self.path.mkdir(parents=True, exist_ok=True)
-        if True:  # BROKEN
+        with FileLock(self.path / ".control.lock"):
             write_json(self.control_path, {"requests": [*self.read_control(), request]})
         return request
 

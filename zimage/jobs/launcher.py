@@ -3,9 +3,10 @@
 A worker is `python -m zimage.cli KIND --run-dir DIR` (train, caption, testgrid: the commands of
 those names, each a zimage.job.run_job). It runs in its own process session with stdin closed and
 stdout/stderr appended to DIR/log.txt, so it survives the browser, the page and the app itself (the
-worker sees that its output is log.txt and does not echo its log lines there a second time). Before the process starts, status.json is set to "starting" with its GPU ids; right after,
-DIR/launch.json records the PID and the process start time (a separate file, so it never races the
-worker's own status.json writes). The worker then records its PID in status.json itself.
+worker sees that its output is log.txt and does not echo its log lines there a second time). Before
+the process starts, status.json is set to "starting" with its GPU ids; right after, DIR/launch.json
+records the PID and the process start time (a separate file, so it never races the worker's own
+status.json writes). The worker then records its PID in status.json itself.
 
 A worker is alive when a process with its PID exists, is not a zombie, and started when the recorded
 start time says: a reused PID has a different start time.
