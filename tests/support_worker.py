@@ -1,7 +1,7 @@
 """A controllable worker for the scheduler tests that need one (fail at step N, write metrics at a set rate).
 
 It is not a product kind: `install(monkeypatch)` lets *this* test process's scheduler launch it for jobs of
-kind "support" (it adds the kind to the queue's and the scheduler's KINDS and maps it to this file in the
+kind "support" (it adds the kind to the queue's KINDS and maps it to this file in the
 launcher's command), and the scheduler then runs it like any worker, detached, with output in log.txt:
 
     python tests/support_worker.py --run-dir DIR
@@ -31,7 +31,7 @@ KIND = "support"
 
 def install(monkeypatch) -> None:
     """Let this process's scheduler enqueue and launch jobs of kind "support" (for one test)."""
-    from zimage.jobs import launcher, queue, scheduler
+    from zimage.jobs import launcher, queue
 
     product_command = launcher.worker_command
 
@@ -42,7 +42,6 @@ def install(monkeypatch) -> None:
 
     monkeypatch.setattr(launcher, "worker_command", command)
     monkeypatch.setattr(queue, "KINDS", (*queue.KINDS, KIND))
-    monkeypatch.setattr(scheduler, "KINDS", (*scheduler.KINDS, KIND))
 
 
 def work(job: Job) -> dict:

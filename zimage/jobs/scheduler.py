@@ -10,6 +10,7 @@ or in the foreground as `zimage worker`. Each tick (default 1 s, sooner on a fil
    is gone (PID + start time) without writing a final state, keeping its last step and heartbeat;
 4. starts queued jobs in FIFO order while GPU slots are free (strict order: a job needing two GPUs is
    not overtaken).
+Steps 3 and 4 are dispatch.py; a registry file deleted under the scheduler is rebuilt from the folders.
 Workers are detached, so stopping the scheduler leaves them running; the next scheduler re-attaches to
 them simply by finding them alive.
 """
@@ -21,30 +22,27 @@ import concurrent.futures.thread  # noqa: F401 - imported before our exit hook i
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
+from zimage.jobs import dispatch
 from zimage.jobs import owner as owner_mod
-from zimage.jobs.launcher import launch, process_alive, worker_identity
+from zimage.jobs.launcher import process_alive
 from zimage.jobs.owner import OwnerLock, describe_owner
-from zimage.jobs.queue import KINDS, queue_lock, queued_runs
-from zimage.jobs.slots import SlotConfig, assign, slot_config
+from zimage.jobs.slots import SlotConfig, slot_config
 from zimage.jobs.watch import FolderWatch
 from zimage.registry.db import Registry
 from zimage.registry.ingest import Ingester
 from zimage.registry.schema import RegistryError
-from zimage.runfolder import ACTIVE_STATES, RunFolder, read_json
+from zimage.runfolder import read_json
 from zimage.settings import Settings
 
 log = logging.getLogger("zimage.jobs")
 
-LOST_GRACE_S = 30.0  # a launched worker that never recorded a PID is given this long
 
 _schedulers: dict[Path, Scheduler] = {}
 _schedulers_lock = threading.Lock()
-_children: dict[str, subprocess.Popen] = {}  # this process's workers, polled so none stays a zombie
 _exit_hook_registered = False
 
 
@@ -289,80 +287,16 @@ class Scheduler:
             self.ingester.load()
         return counts
 
-    # -- workers ------------------------------------------------------------------------------------
+    # -- workers (the work itself is in dispatch.py) ------------------------------------------------
     def _reap(self) -> None:
-        for run_id, proc in list(_children.items()):
-            if proc.poll() is not None:
-                del _children[run_id]
-                self.ingester.ingest_run(run_id)
+        for run_id in dispatch.reap():
+            self.ingester.ingest_run(run_id)
 
     def _reconcile(self) -> None:
-        now = time.time()
-        for run_id, row in list(self.ingester.runs.items()):
-            if row.get("state") not in ACTIVE_STATES or (row.get("host") and row["host"] != self.host):
-                continue
-            folder = RunFolder(self.settings.runs_dir / run_id)
-            status = folder.read_status()
-            if status.get("state") not in ACTIVE_STATES:
-                self.ingester.ingest_run(run_id)
-                continue
-            pid, started = worker_identity(folder.path, status)
-            if pid is None:
-                since = float(status.get("launched") or status.get("heartbeat") or 0)
-                if now - since < LOST_GRACE_S:
-                    continue
-            elif process_alive(pid, started):
-                continue
-            status = folder.read_status()  # it may have written its final state as it exited
-            if status.get("state") in ACTIVE_STATES:
-                step = status.get("step")
-                msg = f"worker process {pid or '(never started)'} ended without a final state (last step {step})"
-                folder.update_status(
-                    state="lost", ended=now, last_heartbeat=status.get("heartbeat"), error=msg, lost_at=now
-                )
-                folder.log(f"scheduler: marked lost: {msg}")
-                log.warning("run %s: %s", run_id, msg)
-            self.ingester.ingest_run(run_id)
+        dispatch.mark_lost(self.settings, self.ingester, self.host)
 
     def _start_queued(self) -> None:
-        if not any(r.get("state") == "queued" for r in self.ingester.runs.values()):
-            return
-        busy = [
-            r.get("gpu_ids") or ""
-            for r in self.ingester.runs.values()
-            if r.get("state") in ACTIVE_STATES and (not r.get("host") or r.get("host") == self.host)
-        ]
-        while len(busy) < self.slots.capacity:
-            with queue_lock(self.settings):
-                line = queued_runs(self.settings)  # the truth, not the index: the CLI may have moved jobs
-                if not line:
-                    return
-                run_id, status = line[0]
-                need = int(status.get("gpus") or 1)
-                kind = status.get("kind")
-                folder = RunFolder(self.settings.runs_dir / run_id)
-                if kind not in KINDS:
-                    folder.update_status(state="failed", error=f"kind {kind!r} is not a job kind", ended=time.time())
-                elif self.slots.gpu_ids and need > len(self.slots.gpu_ids):
-                    folder.update_status(
-                        state="failed",
-                        ended=time.time(),
-                        error=f"needs {need} GPUs; this host offers {len(self.slots.gpu_ids)} ({self.slots.describe()})",
-                    )
-                else:
-                    gpus = assign(self.slots, busy, need)
-                    if gpus is None:
-                        return
-                    busy.append(",".join(gpus))
-                    try:
-                        _children[run_id] = launch(self.settings, run_id, kind, gpus)
-                        log.info("started %s (%s) on %s", run_id, kind, ",".join(gpus) or "CPU")
-                    except OSError:
-                        log.exception("could not start %s", run_id)
-                        busy.pop()
-            self.ingester.ingest_run(run_id)
-
-    # -- file events --------------------------------------------------------------------------------
+        dispatch.start_queued(self.settings, self.ingester, self.slots, self.host)
 
 
 def ensure_scheduler(settings: Settings, **options) -> Scheduler:

@@ -1,0 +1,106 @@
+"""What a scheduler tick does to jobs: reap its own finished workers, mark dead ones `lost`, start queued ones.
+
+The scheduler (scheduler.py) owns the loop, the registry and the ingest; these functions decide about
+jobs from the run folders (the truth) and the ingester's index of them:
+- `mark_lost`: every active run on this host whose worker process is gone (PID + start time) without
+  writing a final state becomes `lost`, keeping its last step and heartbeat;
+- `start_queued`: queued jobs start in FIFO order while GPU slots are free (strict order: a job needing
+  two GPUs is not overtaken); a job that can never run here fails with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+
+from zimage.jobs import queue
+from zimage.jobs.launcher import launch, process_alive, worker_identity
+from zimage.jobs.slots import SlotConfig, assign
+from zimage.registry.ingest import Ingester
+from zimage.runfolder import ACTIVE_STATES, RunFolder
+from zimage.settings import Settings
+
+log = logging.getLogger("zimage.jobs")
+
+LOST_GRACE_S = 30.0  # a launched worker that never recorded a PID is given this long
+
+_children: dict[str, subprocess.Popen] = {}  # this process's workers, polled so none stays a zombie
+
+
+def reap() -> list[str]:
+    """Collect this process's finished workers (no zombies); returns their run ids."""
+    done = []
+    for run_id, proc in list(_children.items()):
+        if proc.poll() is not None:
+            del _children[run_id]
+            done.append(run_id)
+    return done
+
+
+def mark_lost(settings: Settings, ingester: Ingester, host: str) -> None:
+    now = time.time()
+    for run_id, row in list(ingester.runs.items()):
+        if row.get("state") not in ACTIVE_STATES or (row.get("host") and row["host"] != host):
+            continue
+        folder = RunFolder(settings.runs_dir / run_id)
+        status = folder.read_status()
+        if status.get("state") not in ACTIVE_STATES:
+            ingester.ingest_run(run_id)
+            continue
+        pid, started = worker_identity(folder.path, status)
+        if pid is None:
+            since = float(status.get("launched") or status.get("heartbeat") or 0)
+            if now - since < LOST_GRACE_S:
+                continue
+        elif process_alive(pid, started):
+            continue
+        status = folder.read_status()  # it may have written its final state as it exited
+        if status.get("state") in ACTIVE_STATES:
+            step = status.get("step")
+            msg = f"worker process {pid or '(never started)'} ended without a final state (last step {step})"
+            folder.update_status(
+                state="lost", ended=now, last_heartbeat=status.get("heartbeat"), error=msg, lost_at=now
+            )
+            folder.log(f"scheduler: marked lost: {msg}")
+            log.warning("run %s: %s", run_id, msg)
+        ingester.ingest_run(run_id)
+
+
+def start_queued(settings: Settings, ingester: Ingester, slots: SlotConfig, host: str) -> None:
+    if not any(r.get("state") == "queued" for r in ingester.runs.values()):
+        return
+    busy = [
+        r.get("gpu_ids") or ""
+        for r in ingester.runs.values()
+        if r.get("state") in ACTIVE_STATES and (not r.get("host") or r.get("host") == host)
+    ]
+    while len(busy) < slots.capacity:
+        with queue.queue_lock(settings):
+            line = queue.queued_runs(settings)  # the truth, not the index: the CLI may have moved jobs
+            if not line:
+                return
+            run_id, status = line[0]
+            need = int(status.get("gpus") or 1)
+            kind = status.get("kind")
+            folder = RunFolder(settings.runs_dir / run_id)
+            if kind not in queue.KINDS:
+                folder.update_status(state="failed", error=f"kind {kind!r} is not a job kind", ended=time.time())
+            elif slots.gpu_ids and need > len(slots.gpu_ids):
+                folder.update_status(
+                    state="failed",
+                    ended=time.time(),
+                    error=f"needs {need} GPUs; this host offers {len(slots.gpu_ids)} ({slots.describe()})",
+                )
+            else:
+                gpus = assign(slots, busy, need)
+                if gpus is None:
+                    return
+                busy.append(",".join(gpus))
+                try:
+                    _children[run_id] = launch(settings, run_id, kind, gpus)
+                    log.info("started %s (%s) on %s", run_id, kind, ",".join(gpus) or "CPU")
+                except OSError:
+                    log.exception("could not start %s", run_id)
+                    busy.pop()
+        ingester.ingest_run(run_id)
