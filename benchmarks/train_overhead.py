@@ -14,10 +14,11 @@ them alike; the first step of each block is left out on both sides (it runs with
 in the CPU caches). The ratio printed is the median over block pairs (a trainer block and the bare
 block right after it) of bare median ÷ trainer median, with the middle half of the pairs beside it.
 
-The overhead is a fixed cost per step (noise and timestep draws, gradient norm and clipping, a metrics
-line, the control poll), about 0.5 ms on a 2-core CPU, so its share shrinks as steps grow: the tiny model
-at 256 px (~14 ms steps) is the hardest case, 512 px (quick_test's resolution, ~28 ms) is shown beside
-it, and real models take seconds a step.
+Information only: the trainer has no code tuned for this benchmark. Its overhead is a fixed cost per
+step (noise and timestep draws, accelerate's accumulate / backward / clip / step bookkeeping, a metrics
+line, the control poll), so its share shrinks as steps grow: the tiny model at 256 px (~14 ms steps) is
+the hardest case, 512 px (quick_test's resolution, ~28 ms) is shown beside it, and real models take
+seconds a step.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from zimage.settings import Settings  # noqa: E402
 from zimage.tiny import TINY_MODEL_NAME, write_tiny_model  # noqa: E402
 from zimage.training import zimage_math  # noqa: E402
 from zimage.training.reporting import Reporter  # noqa: E402
-from zimage.training.timesteps import sample_sigmas  # noqa: E402
 from zimage.training.trainer import LoraTrainer  # noqa: E402
 
 
@@ -93,7 +93,7 @@ class BareLoop:
             batch = trainer.sampler.next_batch()
             x0 = torch.stack([trainer.features.latents[i] for i in batch])
             noise = torch.randn(x0.shape, generator=gen)
-            sigmas = sample_sigmas(len(batch), "sigmoid", generator=gen)
+            sigmas = zimage_math.sample_sigmas(len(batch), "sigmoid", generator=gen)
             text = [trainer.features.text[trainer.training_set.items[i].caption].to(dev) for i in batch]
             x_t = zimage_math.noisy_latents(x0, noise, sigmas)
             self.inputs.append((x_t.to(dev), sigmas.to(dev), text, (x0 - noise).to(dev)))

@@ -11,11 +11,12 @@ from zimage.cli import main
 def test_known_models_carry_type_and_sampling_defaults():
     turbo = catalogue.known("z-image-turbo")
     assert turbo.repo_id == "Tongyi-MAI/Z-Image-Turbo" and turbo.model_type == "turbo"
-    assert (turbo.sample_steps, turbo.sample_cfg, turbo.guidance_scale) == (8, 1.0, 0.0)
+    assert (turbo.sample_steps, turbo.sample_cfg) == (8, 1.0)  # CFG 1.0: off (zimage_math.guidance_scale 0)
     assert turbo.adapter.repo_id == "ostris/zimage_turbo_training_adapter"
     assert turbo.adapter.filename == "zimage_turbo_training_adapter_v2.safetensors"
     de = catalogue.known("ostris/Z-Image-De-Turbo")
-    assert de.model_type == "de_turbo" and de.sample_cfg == 3.0 and de.guidance_scale == 2.0
+    assert de.model_type == "de_turbo" and (de.sample_steps, de.sample_cfg) == (25, 3.0)
+    assert catalogue.SAMPLING_DEFAULTS == {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}  # for unknown folders
 
 
 def test_resolve_tiny_and_local_folders(zhome_demo, tmp_path):
@@ -28,6 +29,21 @@ def test_resolve_tiny_and_local_folders(zhome_demo, tmp_path):
     assert path2 == outside.resolve() and entry2.model_type == "de_turbo" and entry2.sample_steps == 25
     names = {m.entry.name: m for m in list_models(zhome_demo)}
     assert names["tiny-zimage"].path is not None and names["z-image-turbo"].path is None
+
+
+def test_scheduler_shift_is_read_from_the_folder(zhome_demo):
+    folder = zhome_demo.base_models_dir / "tiny-zimage"
+    assert catalogue.scheduler_shift(folder) == 3.0
+    other = zhome_demo.base_models_dir / "shift6"
+    shutil.copytree(folder, other)
+    config = json.loads((other / catalogue.SCHEDULER_CONFIG).read_text())
+    (other / catalogue.SCHEDULER_CONFIG).write_text(json.dumps({**config, "shift": 6.0}))
+    assert catalogue.scheduler_shift(other) == 6.0
+    (other / catalogue.SCHEDULER_CONFIG).write_text(json.dumps({k: v for k, v in config.items() if k != "shift"}))
+    assert catalogue.scheduler_shift(other) == 1.0  # diffusers' default
+    (other / catalogue.SCHEDULER_CONFIG).write_text("{broken")
+    with pytest.raises(CatalogueError, match="scheduler_config.json: cannot be read"):
+        catalogue.scheduler_shift(other)
 
 
 def test_non_pipeline_folder_is_refused_naming_what_is_missing(zhome_demo):

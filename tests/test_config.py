@@ -171,6 +171,21 @@ def test_defaults_follow_the_model_type(home):
     assert chosen.sample_steps == 9
 
 
+def test_timestep_shift_follows_the_models_scheduler_unless_set(home):
+    import json
+
+    folder = home.base_models_dir / "shift5-de-turbo"
+    if not folder.exists():
+        shutil.copytree(home.base_models_dir / "tiny-zimage", folder)
+        path = folder / "scheduler" / "scheduler_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "shift": 5.0}))
+    assert TrainingConfig().timestep_shift is None
+    assert validate_config(build_config(fast_config()), home, CPU).config.timestep_shift == 3.0  # the tiny model's
+    assert validate_config(build_config(fast_config(model_path=folder.name)), home, CPU).config.timestep_shift == 5.0
+    mine = validate_config(build_config(fast_config(model_path=folder.name, timestep_shift=2.0)), home, CPU)
+    assert mine.config.timestep_shift == 2.0
+
+
 def test_resolved_config_fills_dataset_and_output_defaults(home):
     resolved = validate_config(build_config(fast_config()), home, CPU)
     c = resolved.config

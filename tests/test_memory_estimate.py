@@ -272,7 +272,8 @@ def test_savings_are_real_and_ranked():
 
 # -- the GPU benchmark ------------------------------------------------------------------------------
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the same answer on a machine with a GPU
+    # the same answer on a machine with a GPU; one torch thread: see train_support.one_torch_thread
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), *args],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,

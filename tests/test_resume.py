@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from shared_cache import home_with_shared_cache
-from train_support import fast_config
+from train_support import fast_config, one_thread_per_module  # noqa: F401 - autouse
 
 from zimage.cli import main
 from zimage.config import build_config, validate_config
@@ -101,7 +101,7 @@ def test_stop_then_resume_gives_the_same_losses_and_weights(home, uninterrupted,
     assert f"resuming from step {STOP_AT}" in capsys.readouterr().out
     status = run.read_status()
     assert status["state"] == "completed" and status["step"] == STEPS and status["resumed_from_step"] == STOP_AT
-    assert json.loads(run.control_path.read_text())["stop"] is False
+    assert run.handled_control() == [r["id"] for r in run.read_control()]  # the stop counts as handled
     log = run.log_path.read_text()
     assert f"Resumed from step-{STOP_AT:06d}: continuing after step {STOP_AT}" in log
 
@@ -128,10 +128,10 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from zimage.training import checkpoints
+    from zimage import fsio
 
     marker, hold_at = Path(sys.argv[1]), int(sys.argv[2])
-    original = checkpoints._fsync_tree
+    original = fsio.fsync_tree
 
     def fsync_then_hold(folder):
         original(folder)
@@ -139,7 +139,7 @@ CHILD = textwrap.dedent(
             marker.write_text(str(folder))
             time.sleep(600)  # killed here: everything written, nothing renamed yet
 
-    checkpoints._fsync_tree = fsync_then_hold
+    fsio.fsync_tree = fsync_then_hold  # what fsio.atomic_folder calls before renaming the checkpoint
     from zimage.cli import main
     sys.exit(main(sys.argv[3:]))
     """
@@ -152,7 +152,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(home, uninterr
     cfg.write_text(json.dumps(fast_config(**CONFIG, output_name="killed")))
     run = RunFolder(tmp_path / "run")
     marker = tmp_path / "holding"
-    env = dict(os.environ, ZIMAGE_HOME=str(home.home))
+    env = dict(os.environ, ZIMAGE_HOME=str(home.home), OMP_NUM_THREADS="1")  # see train_support.one_torch_thread
     argv = [str(marker), "4", "train", str(cfg), "--run-dir", str(run.path)]
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv], env=env, cwd=PROJECT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -191,9 +191,27 @@ def test_the_queue_resume_path_continues_from_the_checkpoint(home, tmp_path):
             run.send_control("stop")
 
     assert run_training(resolved, home, run.path, on_step=on_step) == 0
-    run.clear_stop()
+    run.retire_control()
     run.update_status(state="queued", resume=True)  # what zimage.jobs.requeue leaves for the launcher
     assert main(["train", "--run-dir", str(run.path)]) == 0
     status = run.read_status()
     assert status["state"] == "completed" and status["step"] == 4 and status["resumed_from_step"] == 2
     assert sorted(_losses(run)) == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_refused(home, uninterrupted):
+    from zimage.training.checkpoints import CheckpointError
+    from zimage.training.trainer import LoraTrainer
+
+    run, _ = uninterrupted
+    ckpt = checkpoints.newest_checkpoint(run.checkpoints_dir)
+    for changed, message in (({"lora_rank": 8}, "does not fit this config"),
+                             ({"lora_target_modules": ["attention.to_q"]}, "fit this config"),
+                             ({"lora_target_blocks": ["layers", "noise_refiner"]}, "lacks")):  # fmt: skip
+        resolved = validate_config(build_config(fast_config(**{**CONFIG, **changed}, output_name="misfit")), home)
+        trainer = LoraTrainer(resolved, home, resume_from=ckpt)
+        try:
+            with pytest.raises(CheckpointError, match=message):
+                trainer.setup()
+        finally:
+            trainer.cleanup()

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from train_support import fast_config, make_home
+from train_support import fast_config, make_home, one_thread_per_module  # noqa: F401 - autouse
 
 from zimage.config import MachineInfo, build_config, validate_config
 from zimage.data.folders import DatasetFolder, DatasetInfo
@@ -188,7 +188,9 @@ def _wide_model(settings):
     return folder
 
 
-def test_overfit_one_image_halves_the_loss(tmp_path, tiny_model_dir):
+def test_overfit_one_image_drops_the_loss_below_a_floor(tmp_path, tiny_model_dir):
+    """A LoRA on every linear of the 128-wide model memorises one image: from about 1.25 (the untrained
+    model's loss) to under 0.7 in 80 steps. The floor is fixed; the seeded run lands near 0.57."""
     settings = make_home(tmp_path / "home", tiny_model_dir)
     _wide_model(settings)
     one = settings.datasets_dir / "one"
@@ -199,10 +201,10 @@ def test_overfit_one_image_halves_the_loss(tmp_path, tiny_model_dir):
     config = fast_config(
         model_path="wide-zimage",
         dataset_path="one",
-        num_steps=200,
+        num_steps=80,
         lora_rank=16,
         lora_alpha=16,
-        learning_rate=3e-3,
+        learning_rate=5e-3,
         caption_dropout=0.0,
         lora_target_blocks=["layers", "noise_refiner", "context_refiner"],
         lora_target_modules=[
@@ -217,8 +219,9 @@ def test_overfit_one_image_halves_the_loss(tmp_path, tiny_model_dir):
     finally:
         trainer.cleanup()
     losses = trainer.losses
-    start, end = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
-    assert end <= 0.5 * start, f"loss went from {start:.3f} to {end:.3f}"
+    start, end = sum(losses[:10]) / 10, sum(losses[-10:]) / 10  # each step's loss is noisy (random sigma)
+    assert start > 1.0, f"the untrained loss was only {start:.3f}: the test would prove nothing"
+    assert end < 0.7 and end < 0.6 * start, f"loss went from {start:.3f} to {end:.3f}"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "adafactor", "prodigy"])
@@ -319,3 +322,26 @@ def test_an_output_file_that_appears_during_training_is_not_replaced(trained):
     assert resolved.output_path.read_bytes() == b"someone else's file"
     assert result.output_path == resolved.output_path.with_name("raced-2.safetensors") and result.output_path.exists()
     assert any("raced.safetensors appeared while training; saving as raced-2.safetensors" in x for x in reporter.lines)
+
+
+def test_the_overhead_benchmark_runs_end_to_end():
+    """benchmarks/train_overhead.py (information only) on a few steps: it runs through the real trainer and
+    prints its figures; the second trainer finds everything in the cache."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # see train_support.one_torch_thread
+    proc = subprocess.run([sys.executable, str(script), "--steps", "6", "--block", "3", "--resolution", "256"],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = re.search(r"warm/cold ([\d.]+)", proc.stdout)
+    ratio = re.search(
+        r"256 px: trainer [\d.]+ steps/s .* ratio ([\d.]+) \(target >= 0.95; median of 2 block", proc.stdout
+    )
+    assert first and ratio, proc.stdout
+    assert float(first.group(1)) > 0 and float(ratio.group(1)) > 0
+    assert "encoded latents=0 captions=0, loaded vae=False text_encoder=False" in proc.stdout

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from shared_cache import home_with_shared_cache
-from train_support import fast_config
+from train_support import fast_config, one_thread_per_module  # noqa: F401 - autouse
 
 from zimage.cli import main
 from zimage.config import build_config, validate_config

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from train_support import fast_config, make_home
+from train_support import fast_config, make_home, one_thread_per_module  # noqa: F401 - autouse
 
 from zimage.config import MachineInfo, build_config, validate_config
 from zimage.data.buckets import bucket_for, fit_to_bucket, make_buckets
@@ -19,7 +19,6 @@ from zimage.data.captions import build_caption, drop_caption
 from zimage.data.folders import DatasetFolder, DatasetInfo
 from zimage.data.training_set import BucketBatchSampler, load_pixels, scan_dataset
 from zimage.runfolder import RunFolder
-from zimage.training import zimage_math
 from zimage.training.reporting import Reporter
 from zimage.training.trainer import LoraTrainer
 
@@ -189,7 +188,7 @@ def test_sampler_splits_batches_between_ranks():
     assert len(set(b0) & set(b1)) <= 1  # only the batch repeated to even the ranks out is shared
 
 
-# -- caches and z-image maths ---------------------------------------------------------------------
+# -- caches --------------------------------------------------------------------------------------
 def test_component_fingerprint_ignores_location_but_sees_content(tmp_path, tiny_model_dir):
     import shutil
 
@@ -209,35 +208,6 @@ def test_feature_cache_writes_whole_entries_only(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     path.write_bytes(b"garbage")
     assert cache.load("text", "ab" * 32) is None  # a damaged entry is a miss, not a crash
-
-
-def test_prompt_and_image_encoding_match_the_pipeline(tiny_model_dir):
-    from diffusers import ZImagePipeline
-
-    pipe = ZImagePipeline.from_pretrained(tiny_model_dir)
-    prompts = ["zshape, a red circle", ""]
-    ours = zimage_math.encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts)
-    theirs, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
-    assert [t.shape for t in ours] == [t.shape for t in theirs]
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
-    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
-    latents = zimage_math.encode_images(pipe.vae, pixels)
-    raw = pipe.vae.encode(pixels).latent_dist.mode()
-    assert latents.shape == (1, 16, 8, 8)
-    assert torch.allclose(latents, (raw - 0.1159) * 0.3611)
-    assert torch.allclose(zimage_math.decode_latents(pipe.vae, latents), pipe.vae.decode(raw).sample, atol=1e-5)
-
-
-def test_flow_matching_conventions():
-    x0, noise = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    sig = torch.tensor([0.0, 1.0])
-    xt = zimage_math.noisy_latents(x0, noise, sig)
-    assert torch.equal(xt[0], x0[0]) and torch.equal(xt[1], noise[1])
-    # the sampler's Euler step x + (s_next - s) * (-model_out) moves x_t to x0 when model_out = x0 - noise
-    target = zimage_math.flow_target(x0, noise)
-    x_mid = zimage_math.noisy_latents(x0, noise, torch.tensor([0.6, 0.6]))
-    assert torch.allclose(x_mid + (0.0 - 0.6) * (-target), x0, atol=1e-6)
-    assert zimage_math.guidance_scale(1.0) == 0.0 and zimage_math.guidance_scale(3.0) == 2.0
 
 
 def test_encoders_leave_memory_before_training(tmp_path, tiny_model_dir):

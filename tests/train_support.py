@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from zimage.settings import Settings
 
@@ -42,3 +46,28 @@ def fast_config(**overrides) -> dict:
     }
     config.update(overrides)
     return config
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch's CPU kernels on one thread inside the block (the losses are the same either way).
+
+    The tiny model's kernels are a few microseconds each; with two OpenMP threads on a 2-core machine
+    that other processes also use, every kernel waits at a barrier for a descheduled thread, which
+    measured here makes a training step 5-15x slower. One thread costs ~15% on an idle machine.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_module():
+    """Autouse in every module that imports it: the whole module runs with one_torch_thread()."""
+    with one_torch_thread():
+        yield

@@ -17,6 +17,10 @@ from zimage.settings import Settings
 from zimage.tiny import TINY_MODEL_NAME
 
 MODEL_TYPES = ("turbo", "de_turbo")
+# Sampling defaults by model type (DESIGN.md section 3), (steps, CFG in the usual sense: 1.0 = off), for a
+# model folder the catalogue does not know; config validation and the Train page read them from here.
+SAMPLING_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 # What a folder needs to be loaded by diffusers.ZImagePipeline.from_pretrained.
 PIPELINE_PARTS = {
     "model_index.json": "the pipeline index (model_index.json)",
@@ -24,7 +28,7 @@ PIPELINE_PARTS = {
     "vae/config.json": "the VAE config (vae/config.json)",
     "text_encoder/config.json": "the text encoder config (text_encoder/config.json)",
     "tokenizer": "the tokenizer folder (tokenizer/)",
-    "scheduler/scheduler_config.json": "the scheduler config (scheduler/scheduler_config.json)",
+    SCHEDULER_CONFIG: "the scheduler config (scheduler/scheduler_config.json)",
 }
 _WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder")
 
@@ -45,11 +49,6 @@ class ModelEntry:
     repo_id: str | None = None  # None: local only
     adapter: TrainingAdapter | None = None
     description: str = ""
-
-    @property
-    def guidance_scale(self) -> float:
-        """The pipeline's guidance_scale for this CFG (the pipeline does pos + g * (pos - neg))."""
-        return max(0.0, self.sample_cfg - 1.0)
 
 
 TURBO_ADAPTER = TrainingAdapter("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors")
@@ -83,7 +82,6 @@ KNOWN_MODELS: tuple[ModelEntry, ...] = (
         description="2 MB random-weight Z-Image pipeline built by `zimage demo`; for trying the studio and tests.",
     ),
 )
-_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}
 
 
 class CatalogueError(UserError):
@@ -129,9 +127,19 @@ def _local_entry(path: Path) -> ModelEntry:
     model_type = meta.get("model_type") or ("de_turbo" if "de-turbo" in lower or "deturbo" in lower else "turbo")
     if model_type not in MODEL_TYPES:
         model_type = "turbo"
-    steps, cfg = _DEFAULTS[model_type]
+    steps, cfg = SAMPLING_DEFAULTS[model_type]
     steps, cfg = int(meta.get("sample_steps", steps)), float(meta.get("sample_cfg", cfg))
     return ModelEntry(name=path.name, title=path.name, model_type=model_type, sample_steps=steps, sample_cfg=cfg)
+
+
+def scheduler_shift(model_dir: Path) -> float:
+    """The static shift of a pipeline folder's flow-match scheduler (DESIGN.md section 4: read it from the
+    model's own scheduler config, never a constant); 1.0, diffusers' default, when the config has none."""
+    try:
+        config = json.loads((Path(model_dir) / SCHEDULER_CONFIG).read_text(encoding="utf-8"))
+        return float(config.get("shift", 1.0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CatalogueError(f"{Path(model_dir) / SCHEDULER_CONFIG}: cannot be read ({exc})") from exc
 
 
 @dataclass(frozen=True)

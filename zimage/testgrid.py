@@ -258,6 +258,8 @@ def _render(job: Job, settings: Settings) -> dict:
     """The test-grid kind's work for run_job."""
     import torch
 
+    from zimage.training import zimage_math
+
     folder = job.run
     cfg = check_config(folder.read_config(), settings)
     job.status(state="running", step=0, total_steps=cfg.cells, phase="loading")
@@ -275,7 +277,7 @@ def _render(job: Job, settings: Settings) -> dict:
                 pipe.set_adapters([f"lora{i}"], [float(strength)])
                 image = pipe(
                     cfg.prompt, negative_prompt=cfg.negative_prompt or None, height=cfg.height, width=cfg.width,
-                    num_inference_steps=cfg.steps, guidance_scale=max(0.0, cfg.cfg - 1.0),
+                    num_inference_steps=cfg.steps, guidance_scale=zimage_math.guidance_scale(cfg.cfg),
                     generator=torch.Generator(device).manual_seed(cfg.seed),
                 ).images[0]  # fmt: skip
                 rel = f"cells/r{i:02d}-c{j:02d}.png"

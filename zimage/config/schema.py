@@ -80,7 +80,7 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off (the norm is still logged)
     seed: int = 42
     timestep_sampling: str = "sigmoid"  # sigmoid | logit_normal | uniform | shift | mode
-    timestep_shift: float = 3.0  # used by "shift": sigma = s*u / (1 + (s-1)*u), like the sampler's shift 3
+    timestep_shift: float | None = None  # "shift": sigma = s*u / (1 + (s-1)*u); None: the model's scheduler shift
     logit_mean: float = 0.0  # used by "logit_normal"
     logit_std: float = 1.0  # used by "logit_normal"
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers.training_utils)

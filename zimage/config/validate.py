@@ -27,10 +27,10 @@ from zimage.config.schema import (
 )
 from zimage.data.folders import BadName, DatasetFolder, DatasetInfo, check_slug
 from zimage.data.images import ImageProblem, open_rgb
+from zimage.optimizers import OPTIMIZERS
 from zimage.settings import Settings
 
-# Sampling defaults by model type (DESIGN.md section 3): Turbo samples at 8 steps without CFG.
-SAMPLING_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}
+SAMPLING_DEFAULTS = catalogue.SAMPLING_DEFAULTS  # (steps, CFG) by model type; the Train page reads it here
 MIN_RESOLUTION, MAX_RESOLUTION = 256, 4096
 
 
@@ -103,7 +103,7 @@ def _first_usable_image(folder: DatasetFolder, min_side: int) -> tuple[int, str]
 
 @lru_cache(maxsize=16)
 def _optimizer_problem(name: str, device_type: str) -> str | None:
-    from zimage.training.optim import optimizer_problem
+    from zimage.optimizers import optimizer_problem
 
     return optimizer_problem(name, device_type)
 
@@ -183,8 +183,8 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         bad("lr_scheduler", c.lr_scheduler, f"must be one of {', '.join(schedulers)}")
     if c.timestep_sampling not in TIMESTEP_SAMPLINGS:
         bad("timestep_sampling", c.timestep_sampling, f"must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    if not c.timestep_shift > 0:
-        bad("timestep_shift", c.timestep_shift, "must be > 0")
+    if c.timestep_shift is not None and not c.timestep_shift > 0:
+        bad("timestep_shift", c.timestep_shift, "must be > 0 (or null: the model's scheduler shift)")
     if not c.logit_std > 0:
         bad("logit_std", c.logit_std, "must be > 0")
     if c.loss_weighting not in LOSS_WEIGHTINGS:
@@ -217,8 +217,6 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
                 "'No GPU found'); set it to false on this machine")  # fmt: skip
     if c.quantize and c.training_type == "finetune":
         bad("quantize", c.quantize, "a full fine-tune trains every transformer weight, which cannot be quantized")
-    from zimage.training.optim import OPTIMIZERS
-
     if c.optimizer not in OPTIMIZERS:
         bad("optimizer", c.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     else:
@@ -232,6 +230,12 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         entry, model_dir = catalogue.resolve(c.model_path, settings)
     except catalogue.CatalogueError as exc:
         bad("model_path", c.model_path, str(exc))
+    shift = c.timestep_shift
+    if shift is None and model_dir is not None:
+        try:
+            shift = catalogue.scheduler_shift(model_dir)
+        except catalogue.CatalogueError as exc:
+            bad("model_path", c.model_path, str(exc))
     model_type = c.model_type or (entry.model_type if entry else None)
     use_adapter = c.use_training_adapter if c.use_training_adapter is not None else model_type == "turbo"
     adapter_path = None
@@ -301,6 +305,7 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         output_dir=str(output_path.parent),
         sample_steps=c.sample_steps if c.sample_steps is not None else steps,
         sample_cfg=c.sample_cfg if c.sample_cfg is not None else cfg,
+        timestep_shift=shift,
     )
     return ResolvedConfig(
         config=filled,

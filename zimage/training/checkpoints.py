@@ -8,8 +8,9 @@
                               (torch.save of plain tensors / numbers; read with weights_only=True)
         progress.json         {"step", "epoch", "position", "saved", "complete": true}; written last
 
-A checkpoint is built in `checkpoints/.tmp-step-NNNNNN-<pid>/` and renamed into place, so a kill during a
-save leaves only a hidden temp folder (removed by the next save) and the previous checkpoint intact.
+A checkpoint is built in a hidden `checkpoints/.tmp-step-NNNNNN-*/` folder and renamed into place
+(fsio.atomic_folder), so a kill during a save leaves only a hidden temp folder (removed by the next
+save) and the previous checkpoint intact.
 Readers (the registry, `newest_checkpoint`) ignore names that start with a dot.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from zimage.errors import UserError
+from zimage.fsio import atomic_folder
 
 PREFIX = "step-"
 LORA_FILE = "lora.safetensors"
@@ -58,27 +60,6 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(folder)
 
 
 def is_complete(folder: Path) -> bool:
@@ -126,27 +107,13 @@ def write_checkpoint(
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     for stale in checkpoints_dir.glob(".tmp-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    name = checkpoint_name(step)
-    tmp = checkpoints_dir / f".tmp-{name}-{os.getpid()}"
-    final = checkpoints_dir / name
-    try:
-        tmp.mkdir()
+    final = checkpoints_dir / checkpoint_name(step)
+    # overwrite: the same step saved twice (save-now right after a periodic save) replaces the first one.
+    with atomic_folder(final, overwrite=True) as tmp:
         write_weights(tmp)
         torch.save(state, tmp / STATE_FILE)
         record = {"step": step, "saved": time.time(), **(progress or {}), "complete": True}
         (tmp / PROGRESS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved twice (save-now right after a periodic save): replace it
-            old = checkpoints_dir / f".old-{name}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(checkpoints_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last > 0:
         prune(checkpoints_dir, keep_last)
     return Checkpoint(final, step)

@@ -1,4 +1,5 @@
-"""The caching phase: every latent and text embedding a run needs, from the cache or freshly encoded.
+"""What a run trains on: the scanned dataset, and every latent and text embedding it needs, from the
+cache or freshly encoded.
 
 The VAE and the text encoder are loaded only when something is missing from the cache, and are gone
 (and accelerator memory freed) before this returns: the training loop only ever holds the transformer.
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from zimage.data.cache import CacheStats, FeatureCache, component_fingerprint, latent_key, text_key
-from zimage.data.training_set import TrainingSet, load_pixels
+from zimage.data.training_set import TrainingSet, load_pixels, scan_dataset
+from zimage.errors import UserError
 from zimage.training import zimage_math
 
 ENCODE_BATCH = 4
@@ -117,3 +119,20 @@ def prepare_features(
     else:
         log(f"All {len(unique)} caption embeddings found in the cache")
     return Features(latents=[lat for lat in latents if lat is not None], text=text)
+
+
+def scan_training_set(dataset_dir: Path, config, cache: FeatureCache, log: Callable[[str], None]) -> TrainingSet:
+    """The usable images of `dataset_dir` with their captions and buckets (config: a TrainingConfig);
+    every skipped file and missing caption is logged by name. No usable image at all is a UserError."""
+    c = config
+    ts = scan_dataset(dataset_dir, c.resolution, c.trigger_word, c.min_image_side or 0, cache)
+    for s in ts.skipped:
+        log(f"Skipped {s.name}: {s.reason}")
+    missing = [it.name for it in ts.items if it.caption_missing]
+    if missing:
+        log(f"No caption file for {len(missing)} image(s), trained on the trigger word: {', '.join(missing)}")
+    if not ts.items:
+        raise UserError(f"dataset {dataset_dir}: no usable image ({len(ts.skipped)} skipped, see log.txt)")
+    buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ts.bucket_counts().items()))
+    log(f"Dataset {Path(dataset_dir).name}: {len(ts.items)} images, {len(ts.skipped)} skipped; buckets {buckets}")
+    return ts

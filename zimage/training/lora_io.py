@@ -10,13 +10,16 @@ No fused `qkv` keys: diffusers drops them silently.
 Read: that format, diffusers/peft keys (`transformer.` prefix or none, lora_A/lora_B), ComfyUI /
 ai-toolkit `diffusion_model.` keys with lora_down/lora_up, and kohya `lora_unet_` keys (underscored
 module paths, fused attention qkv split into q/k/v).
+
+The reader stays hand-written: diffusers' Z-Image converter (`ZImagePipeline.lora_state_dict`) folds
+alpha into the weights, so the rank and alpha of a file are lost (they are shown and written back), and
+it passes keys it does not know on instead of naming them in an error. Loading into a model goes through
+diffusers / peft (`load_into_transformer`, `peft_modules`, `peft_state`).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zimage.errors import UserError
+from zimage.fsio import atomic_path
 
 PREFIX = "diffusion_model."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +110,21 @@ def modules_from_peft(state: dict[str, torch.Tensor], alpha: float) -> dict[str,
     return modules
 
 
+def peft_modules(model, adapter_name: str, alpha: float) -> dict[str, LoraModule]:
+    """The LoRA weights of peft adapter `adapter_name` in `model` (diffusers or transformers), by module path."""
+    from peft.utils import get_peft_model_state_dict
+
+    return modules_from_peft(get_peft_model_state_dict(model, adapter_name=adapter_name), alpha)
+
+
+def peft_state(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """The inverse of modules_from_peft: what `peft.set_peft_model_state_dict` takes (alpha is peft's config)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, m in modules.items():
+        out[f"{path}.lora_A.weight"], out[f"{path}.lora_B.weight"] = m.down, m.up
+    return out
+
+
 def training_metadata(
     config, steps: int, dataset_name: str, dataset_hash: str, num_images: int, adapter_name: str = ""
 ) -> dict[str, str]:
@@ -156,28 +175,10 @@ def save_lora(
     overwrite: bool = False,
 ) -> Path:
     """Write the LoRA file atomically. Without `overwrite` an existing file raises FileExistsError, untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(lora_tensors(modules, dtype), tmp, metadata=meta)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the name exists: no window where another file is replaced
-            except FileExistsError:
-                raise
-            except OSError:  # a filesystem without hard links
-                if path.exists():
-                    raise FileExistsError(str(path)) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(lora_tensors(modules, dtype), str(tmp), metadata=meta)
+    return Path(path)
 
 
 def _kohya_path(name: str, known: dict[str, str] | None) -> str | None:

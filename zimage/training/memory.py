@@ -52,9 +52,9 @@ The figures compare with torch.cuda.max_memory_allocated(); the card also needs 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
+from zimage.training.memory_result import GIB, MemoryEstimate
 from zimage.training.model_shapes import (
     DEFAULT_TARGET_BLOCKS,
     DEFAULT_TARGET_MODULES,
@@ -66,7 +66,6 @@ from zimage.training.model_shapes import (
     lora_targets,
 )
 
-GIB = 1024**3
 DEFAULT_CAPTION_TOKENS = 128  # the longest caption in a batch incl. the chat template; batches pad to it
 TEXT_TOKENS = 512  # prompts are padded to 512 tokens before the text encoder (zimage_math.MAX_TEXT_TOKENS)
 ENCODE_BATCH = 4  # images / prompts encoded at once while caching (zimage.training.features.ENCODE_BATCH)
@@ -125,70 +124,6 @@ def read_settings(cfg: Any) -> dict[str, Any]:
         target_blocks=g("lora_target_blocks", DEFAULT_TARGET_BLOCKS),
         samples=int(g("sample_every_n_steps", 100)) > 0,
     )
-
-
-# -- the estimate ----------------------------------------------------------------------------------
-@dataclass
-class MemoryEstimate:
-    """GiB per item for each phase of a run (latent_caching, text_caching, training, sampling).
-
-    Each phase's items sum to its total; `total_gib` is the largest phase (`peak_phase`).
-    """
-
-    phases: dict[str, dict[str, float]]
-    params: dict[str, int]  # transformer, text_encoder, vae, trainable
-    tokens: dict[str, int]  # per sample: image, caption, main; and batch
-    architecture: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def phase_totals(self) -> dict[str, float]:
-        return {name: sum(items.values()) for name, items in self.phases.items()}
-
-    @property
-    def peak_phase(self) -> str:
-        totals = self.phase_totals
-        return max(totals, key=totals.__getitem__)
-
-    @property
-    def total_gib(self) -> float:
-        return self.phase_totals[self.peak_phase]
-
-    @property
-    def training_gib(self) -> float:
-        return self.phase_totals["training"]
-
-    @property
-    def device_gib(self) -> float:
-        """What the card needs: the peak plus allocator slack (~5%) and the CUDA context (~0.75 GiB)."""
-        return self.total_gib * 1.05 + 0.75
-
-    def item(self, phase: str, name: str) -> float:
-        return self.phases.get(phase, {}).get(name, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        r = lambda v: round(v, 3)  # noqa: E731
-        return {
-            "total_gib": r(self.total_gib),
-            "device_gib": r(self.device_gib),
-            "peak_phase": self.peak_phase,
-            "phase_totals": {k: r(v) for k, v in self.phase_totals.items()},
-            "phases": {p: {k: r(v) for k, v in items.items()} for p, items in self.phases.items()},
-            "params": dict(self.params),
-            "tokens": dict(self.tokens),
-            "architecture": self.architecture,
-            "notes": list(self.notes),
-        }
-
-    def summary(self) -> str:
-        """A few lines for logs and the terminal."""
-        lines = [
-            f"Estimated peak {self.total_gib:.1f} GiB ({self.peak_phase}); the card needs about {self.device_gib:.1f} GiB"
-        ]
-        for phase, items in self.phases.items():
-            parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in items.items() if v >= 0.005) or "each < 0.01"
-            lines.append(f"  {phase.replace('_', ' ')} {self.phase_totals[phase]:.2f} GiB: {parts}")
-        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
 
 def _pad(n: int) -> int:

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 
 from zimage.training import zimage_math
@@ -23,52 +26,54 @@ def target_regex(blocks: list[str], modules: list[str]) -> str:
     return rf"^({'|'.join(blocks)})\.\d+\.({inner})$"
 
 
-def _finish(trainer, transformer) -> None:
+def _finish(transformer, config) -> None:
     from diffusers.training_utils import cast_training_params
 
-    c = trainer.config
-    if c.mixed_precision != "no":
+    if config.mixed_precision != "no":
         cast_training_params(transformer, dtype=torch.float32)  # trainable weights stay fp32
-    if c.gradient_checkpointing:
+    if config.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
 
 
-def trainable_transformer(trainer):
-    """(transformer on the trainer's device, its trainable parameters) for the trainer's config."""
-    c, r = trainer.config, trainer.resolved
+def trainable_transformer(
+    config, model_dir: Path, adapter_path: Path | None, device: torch.device, weight_dtype: torch.dtype,
+    log: Callable[[str], None] = lambda _m: None,
+):  # fmt: skip
+    """(transformer on `device`, its trainable parameters) for `config` (a TrainingConfig)."""
+    c = config
     if c.training_type == "finetune":
-        transformer = zimage_math.load_transformer(r.model_dir, dtype=trainer.weight_dtype).to(trainer.device)
+        transformer = zimage_math.load_transformer(model_dir, dtype=weight_dtype).to(device)
         transformer.requires_grad_(True)
-        _finish(trainer, transformer)
+        _finish(transformer, c)
         params = list(transformer.parameters())
-        trainer.report.log(f"Full fine-tune: {sum(p.numel() for p in params):,} trainable parameters")
+        log(f"Full fine-tune: {sum(p.numel() for p in params):,} trainable parameters")
         return transformer, params
 
     from peft import LoraConfig
 
-    transformer = zimage_math.load_transformer(r.model_dir, dtype=trainer.weight_dtype, quantize=c.quantize)
+    transformer = zimage_math.load_transformer(model_dir, dtype=weight_dtype, quantize=c.quantize)
     transformer.requires_grad_(False)
     if c.quantize:
-        trainer.report.log(f"Loaded the transformer quantized ({'NF4' if c.quantize == 'nf4' else '8-bit'})")
-    if r.adapter_path is not None:
+        log(f"Loaded the transformer quantized ({'NF4' if c.quantize == 'nf4' else '8-bit'})")
+    if adapter_path is not None:
         from zimage.training.adapter import merge_adapter
 
-        merge_adapter(transformer, r.adapter_path)
-        trainer.report.log(f"Merged the training adapter {r.adapter_path.name} at +1.0")
-    trainer.lora_config = LoraConfig(
+        merge_adapter(transformer, adapter_path)
+        log(f"Merged the training adapter {adapter_path.name} at +1.0")
+    lora_config = LoraConfig(
         r=c.lora_rank,
         lora_alpha=c.lora_alpha,
         lora_dropout=c.lora_dropout,
         init_lora_weights=True,
         target_modules=target_regex(c.lora_target_blocks, c.lora_target_modules),
     )
-    transformer.add_adapter(trainer.lora_config, adapter_name=ADAPTER_NAME)
+    transformer.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
     if not c.quantize:  # bitsandbytes already placed a quantized model on the GPU (and refuses .to())
-        transformer.to(trainer.device)
-    _finish(trainer, transformer)
+        transformer.to(device)
+    _finish(transformer, c)
     # By adapter name, not requires_grad: other loaded adapters may come back trainable.
     params = trainable_by_adapter(transformer, ADAPTER_NAME)
     count = sum(p.numel() for p in params)
-    trainer.report.log(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g}: {count:,} trainable parameters")
+    log(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g}: {count:,} trainable parameters")
     return transformer, params

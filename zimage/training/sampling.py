@@ -10,14 +10,16 @@ in any other tool. Each image is written as samples/step-NNNNNN-<i>.png plus one
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from zimage.data.captions import TRIGGER_PLACEHOLDER
+from zimage.fsio import atomic_path
 from zimage.training import zimage_math
 
 DEFAULT_PROMPT = "a photo of [trigger]"
@@ -40,18 +42,44 @@ def sample_prompts(config, fallback_caption: str = "") -> list[str]:
     return out
 
 
-class TrainingSampler:
-    """Draws the sample images of one run; built by the trainer, used only on the main process."""
+@dataclass(frozen=True)
+class SampleSettings:
+    """What every sample of a run is drawn with (prompts, steps, CFG, size, seed)."""
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        c = trainer.config
-        fallback = trainer.training_set.items[0].caption if trainer.training_set.items else ""
-        self.prompts = sample_prompts(c, fallback)
-        self.steps = int(c.sample_steps or 8)
-        self.cfg = float(c.sample_cfg or 1.0)
-        self.width = self.height = int(c.sample_resolution or c.resolution)
-        self.seed = int(c.sample_seed)
+    prompts: list[str]
+    steps: int
+    cfg: float  # in the usual sense (1.0 = off); the pipeline gets zimage_math.guidance_scale(cfg)
+    width: int
+    height: int
+    seed: int  # prompt i uses seed + i, the same at every step
+
+    @classmethod
+    def from_config(cls, config, fallback_caption: str = "") -> SampleSettings:
+        side = int(config.sample_resolution or config.resolution)
+        return cls(sample_prompts(config, fallback_caption), int(config.sample_steps or 8),
+                   float(config.sample_cfg or 1.0), side, side, int(config.sample_seed))  # fmt: skip
+
+
+class TrainingSampler:
+    """Draws the sample images of one run (main process only).
+
+    `embed(prompts)` gives prompt -> embedding (the empty prompt included, the negative one); with
+    `fixed_embeddings` it is called once and kept (cached text embeddings), otherwise at every sample (a
+    text encoder that trains). `adapter_path`: the training adapter merged into the weights, reversed at
+    -1.0 while sampling (None: none). `autocast`: the accelerator's autocast context. Images and
+    samples.jsonl lines go to `run` (a RunFolder; None: nothing written).
+    """
+
+    def __init__(
+        self, settings: SampleSettings, model_dir: Path, device: torch.device, dtype: torch.dtype,
+        embed: Callable[[list[str]], dict[str, torch.Tensor]], *, fixed_embeddings: bool = True,
+        adapter_path: Path | None = None, autocast: Callable[[], Any] = nullcontext, run=None,
+        log: Callable[[str], None] = lambda _m: None,
+    ):  # fmt: skip
+        self.settings = settings
+        self.model_dir, self.device, self.dtype = Path(model_dir), device, dtype
+        self.embed, self.fixed_embeddings = embed, fixed_embeddings
+        self.adapter_path, self.autocast, self.run, self.log = adapter_path, autocast, run, log
         self._embeddings: dict[str, torch.Tensor] | None = None
         self._vae = None
         self._scheduler_config: dict[str, Any] | None = None
@@ -59,41 +87,18 @@ class TrainingSampler:
 
     # -- inputs, loaded on first use -------------------------------------------------------------------
     def _prompt_embeddings(self) -> dict[str, torch.Tensor]:
-        t = self.trainer
-        if t.text_lora is not None:  # the text encoder trains too: embed with its current weights
-            encoder = t.accelerator.unwrap_model(t.text_encoder)
-            was_training = encoder.training
-            encoder.eval()
-            try:
-                with torch.no_grad(), t.accelerator.autocast():
-                    embeddings = t.text_lora.encode([*self.prompts, ""], encoder)
-            finally:
-                encoder.train(was_training)
-            return dict(zip([*self.prompts, ""], embeddings, strict=True))
-        if self._embeddings is None:
-            from zimage.data.training_set import TrainingSet
-            from zimage.training.features import prepare_features
-
-            t = self.trainer
-            text_dtype = torch.bfloat16 if t.device.type == "cuda" else torch.float32
-            empty = TrainingSet(info=t.training_set.info, items=[])
-            features = prepare_features(
-                empty, [*self.prompts, ""], t.resolved.model_dir, t.cache, t.device, text_dtype, t.cache_stats,
-                log=lambda _m: None, beat=t.report.beat, quantize_te=t.config.quantize_te,
-            )  # fmt: skip
-            self._embeddings = features.text
+        if self._embeddings is None or not self.fixed_embeddings:
+            self._embeddings = self.embed([*self.settings.prompts, ""])
         return self._embeddings
 
     def _pipeline(self, transformer):
         from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
-        t = self.trainer
-        model_dir = Path(t.resolved.model_dir)
         if self._vae is None:
-            vae_dtype = torch.bfloat16 if t.device.type == "cuda" else torch.float32
-            self._vae = zimage_math.load_vae(model_dir, t.device, vae_dtype)
+            vae_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self._vae = zimage_math.load_vae(self.model_dir, self.device, vae_dtype)
         if self._scheduler_config is None:
-            self._scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(model_dir / "scheduler"))
+            self._scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(self.model_dir / "scheduler"))
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(self._scheduler_config)  # fresh state per call
         pipe = ZImagePipeline(scheduler=scheduler, vae=self._vae, text_encoder=None, tokenizer=None,
                               transformer=transformer)  # fmt: skip
@@ -101,13 +106,12 @@ class TrainingSampler:
         return pipe
 
     def _adapter_context(self, model):
-        adapter_path = self.trainer.resolved.adapter_path
-        if adapter_path is None or self.trainer.config.training_type == "finetune":
+        if self.adapter_path is None:
             return nullcontext()
         from zimage.training import adapter, lora_io
 
         if self._adapter is None:
-            self._adapter = lora_io.read_lora(adapter_path, module_names=[n for n, _ in model.named_modules()])
+            self._adapter = lora_io.read_lora(self.adapter_path, module_names=[n for n, _ in model.named_modules()])
         return adapter.adapter_reversed(model, self._adapter)
 
     # -- drawing -----------------------------------------------------------------------------------------
@@ -115,24 +119,23 @@ class TrainingSampler:
     def generate(self, model) -> list[tuple[str, int, Any]]:
         """(prompt, seed, PIL image) for every prompt, drawn with `model` (the unwrapped transformer)."""
         embeddings = self._prompt_embeddings()
-        t = self.trainer
-        dtype = t.weight_dtype  # what the frozen weights hold; the pipeline casts latents to it too
-        negative = embeddings[""].to(t.device, dtype)
+        s, dtype = self.settings, self.dtype  # what the frozen weights hold; the pipeline casts latents to it too
+        negative = embeddings[""].to(self.device, dtype)
         pipe = self._pipeline(model)
         out = []
         was_training = model.training
         model.eval()
         try:
-            with self._adapter_context(model), t.accelerator.autocast():
-                for i, prompt in enumerate(self.prompts):
-                    seed = self.seed + i
+            with self._adapter_context(model), self.autocast():
+                for i, prompt in enumerate(s.prompts):
+                    seed = s.seed + i
                     image = pipe(
-                        prompt_embeds=[embeddings[prompt].to(t.device, dtype)],
+                        prompt_embeds=[embeddings[prompt].to(self.device, dtype)],
                         negative_prompt_embeds=[negative],
-                        height=self.height,
-                        width=self.width,
-                        num_inference_steps=self.steps,
-                        guidance_scale=zimage_math.guidance_scale(self.cfg),
+                        height=s.height,
+                        width=s.width,
+                        num_inference_steps=s.steps,
+                        guidance_scale=zimage_math.guidance_scale(s.cfg),
                         generator=torch.Generator("cpu").manual_seed(seed),
                         output_type="pil",
                     ).images[0]
@@ -141,29 +144,24 @@ class TrainingSampler:
             model.train(was_training)
         return out
 
-    def sample(self, step: int, reason: str) -> list[dict[str, Any]]:
-        """Draw every prompt at `step` and record them in the run folder; returns the samples.jsonl records."""
-        t = self.trainer
-        model = t.accelerator.unwrap_model(t.transformer)
+    def sample(self, model, step: int, reason: str) -> list[dict[str, Any]]:
+        """Draw every prompt with `model` (unwrapped) at `step` and record them; returns the samples.jsonl records."""
         images = self.generate(model)
-        run = t.report.run
+        s = self.settings
         records = []
         for i, (prompt, seed, image) in enumerate(images):
             rel = f"samples/step-{step:06d}-{i}.png"
-            if run is not None:
-                target = run.path / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, target)  # the app never shows a half-written PNG
+            if self.run is not None:
+                with atomic_path(self.run.path / rel) as tmp:  # the app never shows a half-written PNG
+                    image.save(tmp, format="PNG")
             record = {
                 "step": step, "prompt": prompt, "seed": seed, "path": rel, "index": i, "reason": reason,
-                "steps": self.steps, "cfg": self.cfg, "width": self.width, "height": self.height,
+                "steps": s.steps, "cfg": s.cfg, "width": s.width, "height": s.height,
             }  # fmt: skip
             records.append(record)
-            if run is not None:
-                run.append_sample(record)
-        t.report.log(f"Sampled {len(images)} image(s) at step {step} ({reason})")
+            if self.run is not None:
+                self.run.append_sample(record)
+        self.log(f"Sampled {len(images)} image(s) at step {step} ({reason})")
         return records
 
     def free(self) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from zimage.fsio import atomic_path
 from zimage.training import lora_io, zimage_math
 from zimage.training.adapter import trainable_by_adapter
 
@@ -31,35 +32,36 @@ def text_encoder_lora_path(output_path: Path) -> Path:
 
 
 class TextEncoderLora:
-    """The trainable text encoder of one run: tokenizer, encoder with a peft LoRA, its parameters."""
+    """The trainable text encoder of one run: tokenizer, encoder with a peft LoRA, its parameters.
 
-    def __init__(self, trainer):
+    `fp32_weights`: keep the LoRA weights in fp32 under bf16 / fp16 autocast (mixed precision).
+    """
+
+    def __init__(
+        self, model_dir: Path, device: torch.device, dtype: torch.dtype, *, rank: int, alpha: float,
+        dropout: float = 0.0, gradient_checkpointing: bool = False, fp32_weights: bool = False,
+    ):  # fmt: skip
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
+        from peft import LoraConfig, inject_adapter_in_model  # (transformers' add_adapter wants a newer peft)
 
-        c = trainer.config
-        self.device = trainer.device
-        self.tokenizer, encoder = zimage_math.load_text_encoder(
-            trainer.resolved.model_dir, trainer.device, trainer.weight_dtype
-        )
+        self.device = device
+        self.tokenizer, encoder = zimage_math.load_text_encoder(model_dir, device, dtype)
         used = encoder.config.num_hidden_layers - 1  # hidden_states[-2] is the output of layer used - 1
         layers = "|".join(str(i) for i in range(used))
         inner = "|".join(m.replace(".", r"\.") for m in TE_MODULES)
         self.lora_config = LoraConfig(
-            r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout, init_lora_weights=True,
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True,
             target_modules=rf"^layers\.({layers})\.({inner})$",
         )  # fmt: skip
-        from peft import inject_adapter_in_model  # (transformers' add_adapter wants a newer peft)
-
         encoder = inject_adapter_in_model(self.lora_config, encoder, adapter_name=ADAPTER)
-        if c.mixed_precision != "no":
+        if fp32_weights:
             cast_training_params(encoder, dtype=torch.float32)
-        if c.gradient_checkpointing:
+        if gradient_checkpointing:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder.train()
         self.params = trainable_by_adapter(encoder, ADAPTER)
         self.encoder = encoder
-        self.alpha = float(c.lora_alpha)
+        self.alpha = float(alpha)
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _tokenize(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,17 +77,21 @@ class TextEncoderLora:
         mask = torch.stack([p[1] for p in pairs]).to(self.device)
         return zimage_math.embed_tokens(model if model is not None else self.encoder, ids, mask)
 
-    def modules(self, unwrapped) -> dict[str, lora_io.LoraModule]:
-        from peft.utils import get_peft_model_state_dict
+    def embed_now(self, prompts: list[str], unwrapped, autocast) -> dict[str, torch.Tensor]:
+        """prompt -> embedding with the encoder's current weights, without gradients (samples)."""
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), autocast():
+                return dict(zip(prompts, self.encode(prompts, unwrapped), strict=True))
+        finally:
+            unwrapped.train(was_training)
 
-        state = get_peft_model_state_dict(unwrapped, adapter_name=ADAPTER)
-        return lora_io.modules_from_peft(state, self.alpha)
+    def modules(self, unwrapped) -> dict[str, lora_io.LoraModule]:
+        return lora_io.peft_modules(unwrapped, ADAPTER, self.alpha)
 
     def save(self, unwrapped, path: Path, metadata: dict[str, str], dtype: torch.dtype, overwrite: bool) -> Path:
         """Write the text encoder LoRA atomically (the same no-silent-overwrite rule as the main file)."""
-        import os
-        import tempfile
-
         from safetensors.torch import save_file
 
         tensors = {}
@@ -93,29 +99,19 @@ class TextEncoderLora:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = m.down.detach().to("cpu", dtype).contiguous()
             tensors[f"{PREFIX}{name}.lora_B.weight"] = m.up.detach().to("cpu", dtype).contiguous()
             tensors[f"{PREFIX}{name}.alpha"] = torch.tensor(self.alpha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={**metadata, "part": "text_encoder"})
-            if not overwrite and path.exists():
-                raise FileExistsError(str(path))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata={**metadata, "part": "text_encoder"})
         return path
 
     def load(self, unwrapped, path: Path) -> None:
         """Put saved LoRA weights (a checkpoint's) back into the encoder's adapter, in place."""
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        saved = load_file(str(path))
-        params = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for key, value in saved.items():
-                if key.endswith(".alpha"):
-                    continue
-                name = key.removeprefix(PREFIX).replace(".lora_A.weight", f".lora_A.{ADAPTER}.weight")
-                name = name.replace(".lora_B.weight", f".lora_B.{ADAPTER}.weight")
-                params[name].copy_(value)
+        saved = {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items() if not k.endswith(".alpha")}
+        result = set_peft_model_state_dict(unwrapped, saved, adapter_name=ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(
+                f"{path}: {len(unexpected)} weight(s) fit no text encoder LoRA layer, e.g. {unexpected[0]}"
+            )

@@ -1,7 +1,8 @@
 """The LoRA training recipe for Z-Image: one class, `LoraTrainer`, read top to bottom.
 
 Z-Image specifics live in zimage_math, data in zimage.data, file formats in lora_io; this file only
-orders them: setup (data, caches, model, optimizer) -> loop -> save.
+orders them: setup (data, caches, model, optimizer) -> loop (with checkpoints and samples) -> save.
+Every collaborator gets what it needs (a model, an optimizer, a folder, config values), never the trainer.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import torch
 
 from zimage.config import ResolvedConfig
 from zimage.data.cache import CacheStats, FeatureCache
-from zimage.data.training_set import BucketBatchSampler, TrainingSet, scan_dataset
+from zimage.data.captions import drop_caption
+from zimage.data.training_set import BucketBatchSampler, TrainingSet
 from zimage.errors import UserError
+from zimage.optimizers import build_optimizer
+from zimage.runfolder import ControlRequests
 from zimage.settings import Settings
-from zimage.training import lora_io, zimage_math
+from zimage.training import lora_io, resume, zimage_math
+from zimage.training.checkpoints import Checkpoint
+from zimage.training.control import TrainingControl
 from zimage.training.distributed import make_accelerator
-from zimage.training.features import Features, prepare_features
-from zimage.training.model_setup import ADAPTER_NAME, target_regex  # noqa: F401 - part of this module's API
-from zimage.training.optim import OptimizerStep, build_optimizer
+from zimage.training.features import Features, prepare_features, scan_training_set
+from zimage.training.model_setup import ADAPTER_NAME, target_regex, trainable_transformer  # noqa: F401 - API
+from zimage.training.output import save_output
 from zimage.training.reporting import Reporter, memory_figures
-from zimage.training.timesteps import loss_weights, sample_sigmas
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -43,27 +48,25 @@ class TrainResult:
 
 
 class LoraTrainer:
-    """Train a LoRA on the Z-Image transformer from a validated config.
+    """Train a LoRA (or every weight) of the Z-Image transformer from a validated config.
 
         trainer = LoraTrainer(validate_config(config, settings), settings, Reporter(run_folder))
-        trainer.setup()           # data scan, caches, transformer + LoRA, optimizer, scheduler
+        trainer.setup()           # data scan, caches, transformer + LoRA, optimizer, scheduler, resume
         result = trainer.train()  # the loop; saves the LoRA at the end (and on stop)
         trainer.cleanup()
 
     Supports: flow-matching training exactly as the Z-Image sampler runs (zimage_math); timestep
-    sampling sigmoid / logit-normal / uniform / shifted / mode and SD3 loss weightings
-    (diffusers.training_utils); a peft LoRA on configurable transformer modules (rank, alpha, dropout);
-    the Turbo training adapter merged at +1 before training; AdamW, AdamW8bit, Adafactor, Prodigy;
-    every diffusers LR scheduler with warmup; gradient accumulation; grad-norm clipping; bf16 / fp16 /
-    fp32; gradient checkpointing; a seed; aspect buckets; caption dropout; cached latents and text
-    embeddings (encoders loaded only on a cache miss, freed before training); NaN detection; stop and
-    pause requests (control.json, SIGTERM/SIGINT); accelerate on the CPU or one GPU, data-parallel ready
-    (per-rank batches and noise, main process encodes and saves); between steps (control.TrainingEvents)
-    stop / pause / save-now / sample-now requests, samples at step 0, every N steps and at the end
-    (sampling.py; the training adapter reversed at -1 while sampling), atomic checkpoints every N steps
-    with the last K kept and exact resume from the newest one (checkpoints.py, resume.py).
-    Full fine-tune of every transformer weight (De-Turbo; finetune.py writes a diffusers folder), and
-    bitsandbytes 8-bit / NF4 loading of the frozen transformer and text encoder on CUDA (model_setup.py).
+    sampling sigmoid / logit-normal / uniform / shifted / mode and SD3 loss weightings; a peft LoRA on
+    configurable transformer modules (rank, alpha, dropout); the Turbo training adapter merged at +1
+    before training (model_setup.py); AdamW (fused), AdamW8bit, Adafactor, Prodigy; every diffusers LR
+    scheduler with warmup; gradient accumulation, grad-norm clipping, bf16 / fp16 / fp32 and data
+    parallel through accelerate; gradient checkpointing; a seed; aspect buckets; caption dropout;
+    cached latents and text embeddings (encoders loaded only on a cache miss, freed before training);
+    NaN detection; stop / pause / save-now / sample-now requests (control.py); samples at step 0, every
+    N steps and at the end (sampling.py); atomic checkpoints every N steps with the last K kept and exact
+    resume from one (checkpoints.py, resume.py); a LoRA on the text encoder too (text_lora.py); a full
+    fine-tune (De-Turbo; finetune.py writes a diffusers folder); bitsandbytes 8-bit / NF4 loading of the
+    frozen transformer and text encoder on CUDA.
     """
 
     def __init__(
@@ -72,7 +75,7 @@ class LoraTrainer:
         settings: Settings,
         reporter: Reporter | None = None,
         run_dir: Path | None = None,
-        resume_from=None,
+        resume_from: Checkpoint | None = None,
     ):
         """`run_dir` holds checkpoints (default: the reporter's run folder); `resume_from` a Checkpoint."""
         self.resolved = resolved
@@ -83,127 +86,90 @@ class LoraTrainer:
         self.step = 0  # optimizer steps done
         self.stop_requested = False
         self.losses: list[float] = []
-        self.transformer = None
+        self.accelerator = self.transformer = self.optimizer = self.lr_scheduler = None
         self.text_lora = self.text_encoder = None  # train_text_encoder: TextEncoderLora, its prepared model
+        self.image_sampler = None  # sampling.TrainingSampler, built on the first sample
+        self.last_checkpoint_step: int | None = None
+        self.last_sample_step: int | None = None
         self.output_path: Path | None = None
         self.run_dir = Path(run_dir) if run_dir else (self.report.run.path if self.report.run is not None else None)
         self.resume_from = resume_from
-        from zimage.training.control import TrainingEvents
-
-        self.events = TrainingEvents(self)
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
 
-        c = self.config
-        self.accelerator = make_accelerator(c.mixed_precision, c.gradient_accumulation)
-        self.device = self.accelerator.device
-        self.weight_dtype = WEIGHT_DTYPES[c.mixed_precision]
+        c, r = self.config, self.resolved
+        self.accelerator = acc = make_accelerator(c.mixed_precision, c.gradient_accumulation)
+        self.device, self.weight_dtype = acc.device, WEIGHT_DTYPES[c.mixed_precision]
+        # bf16 embeddings halve the text encoder's memory on a GPU; the CPU keeps fp32.
+        self.text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         set_seed(c.seed)
         self.report.status(phase="scanning dataset")
-
-        self.training_set = self._scan()
-        with self.accelerator.main_process_first():  # one process encodes; the others then find the cache
+        self.cache = FeatureCache(self.settings.cache_dir)
+        self.training_set = scan_training_set(r.dataset_dir, c, self.cache, log=self.report.log)
+        with acc.main_process_first():  # one process encodes; the others then find the cache
             self.features = self._features(self.training_set)
+
         self.report.progress(phase="loading transformer")
-        self.transformer, self.params = self._transformer_with_lora()
+        self.transformer, self.params = trainable_transformer(
+            c, r.model_dir, r.adapter_path, self.device, self.weight_dtype, log=self.report.log
+        )
         if c.train_text_encoder:
             from zimage.training.text_lora import TextEncoderLora
 
-            self.text_lora = TextEncoderLora(self)
+            self.text_lora = TextEncoderLora(
+                r.model_dir, self.device, self.weight_dtype, rank=c.lora_rank, alpha=c.lora_alpha,
+                dropout=c.lora_dropout, gradient_checkpointing=c.gradient_checkpointing,
+                fp32_weights=c.mixed_precision != "no",
+            )  # fmt: skip
             self.params = self.params + self.text_lora.params
             count = sum(p.numel() for p in self.text_lora.params)
             self.report.log(f"Text encoder LoRA: {count:,} trainable parameters (embeddings computed every step)")
+
         self.optimizer = build_optimizer(c.optimizer, self.params, c.learning_rate, c.weight_decay)
-        self.lr_scheduler = self._scheduler(self.optimizer)
-        self.transformer, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+        n = acc.num_processes  # accelerate steps a prepared scheduler once per process
+        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_warmup_steps=c.lr_warmup_steps * n,
+                                          num_training_steps=c.num_steps * n)  # fmt: skip
+        self.transformer, self.optimizer, self.lr_scheduler = acc.prepare(
             self.transformer, self.optimizer, self.lr_scheduler
         )
         if self.text_lora is not None:
-            self.text_encoder = self.accelerator.prepare_model(self.text_lora.encoder)
-        self.stepper = OptimizerStep(self.accelerator, self.optimizer, self.lr_scheduler, self.params,
-                                     lora=c.training_type == "lora")  # fmt: skip
-        # One process, one micro-batch, no GradScaler: a step is just the maths, without accelerate's
-        # per-step bookkeeping (its accumulate() context and loss division cost ~0.1 ms on a small step).
-        self._lean = self.stepper.single and c.gradient_accumulation == 1
+            self.text_encoder = acc.prepare_model(self.text_lora.encoder)
+
         # Everything random in the loop draws from these, so a resume can restore them exactly.
-        self.sampler = BucketBatchSampler(
-            [it.bucket for it in self.training_set.items],
-            c.batch_size,
-            c.seed,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-        )
-        self.noise_gen = torch.Generator().manual_seed(c.seed + 1000 * self.accelerator.process_index)
-        self.caption_rng = random.Random(c.seed + 7 * self.accelerator.process_index)
+        buckets = [it.bucket for it in self.training_set.items]
+        self.sampler = BucketBatchSampler(buckets, c.batch_size, c.seed, rank=acc.process_index,
+                                          world_size=acc.num_processes)  # fmt: skip
+        self.noise_gen = torch.Generator().manual_seed(c.seed + 1000 * acc.process_index)
+        self.caption_rng = random.Random(c.seed + 7 * acc.process_index)
+        self.control = TrainingControl(acc, self.report, stopping=lambda: self.stop_requested)
         if self.resume_from is not None:
-            from zimage.training.resume import restore
+            self.load_checkpoint(self.resume_from)
 
-            restore(self, self.resume_from)
-            self.report.log(f"Resumed from {self.resume_from.path.name}: continuing after step {self.step}")
+    def _features(self, ts: TrainingSet, captions: list[str] | None = None) -> Features:
+        """Latents of `ts` and embeddings of its captions (or of `captions`), from the cache or encoded."""
+        c = self.config
+        if captions is None:
+            captions = [it.caption for it in ts.items] + ([""] if c.caption_dropout > 0 else [])
+            if c.train_text_encoder:  # the encoder changes every step: its embeddings cannot be cached
+                captions = []
+            self.report.status(phase="caching latents and text")
+        log = self.report.log if ts.items else (lambda _m: None)  # prompts for samples: quietly
+        return prepare_features(
+            ts, captions, self.resolved.model_dir, self.cache, self.device, self.text_dtype, self.cache_stats,
+            log=log, beat=self.report.beat, quantize_te=c.quantize_te,
+        )  # fmt: skip
 
+    # -- one step ------------------------------------------------------------------------------
     def _reseed(self) -> None:
         """Noise, timesteps and caption dropout of this step depend only on (seed, rank, step): resumable."""
-        from zimage.training.resume import step_seed
-
         c, rank = self.config, self.accelerator.process_index
-        self.noise_gen.manual_seed(step_seed(c.seed, rank, self.step, "noise"))
+        self.noise_gen.manual_seed(resume.step_seed(c.seed, rank, self.step, "noise"))
         if c.caption_dropout > 0:  # the only user of caption_rng
-            self.caption_rng.seed(step_seed(c.seed, rank, self.step, "caption"))
+            self.caption_rng.seed(resume.step_seed(c.seed, rank, self.step, "caption"))
 
-    def _scan(self) -> TrainingSet:
-        c, r = self.config, self.resolved
-        self.cache = FeatureCache(self.settings.cache_dir)
-        ts = scan_dataset(r.dataset_dir, c.resolution, c.trigger_word, c.min_image_side or 0, self.cache)
-        for s in ts.skipped:
-            self.report.log(f"Skipped {s.name}: {s.reason}")
-        missing = [it.name for it in ts.items if it.caption_missing]
-        if missing:
-            self.report.log(
-                f"No caption file for {len(missing)} image(s), trained on the trigger word: {', '.join(missing)}"
-            )
-        if not ts.items:
-            raise UserError(f"dataset {r.dataset_dir}: no usable image ({len(ts.skipped)} skipped, see log.txt)")
-        buckets = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(ts.bucket_counts().items()))
-        self.report.log(
-            f"Dataset {r.dataset_dir.name}: {len(ts.items)} images, {len(ts.skipped)} skipped; buckets {buckets}"
-        )
-        return ts
-
-    def _features(self, ts: TrainingSet) -> Features:
-        c = self.config
-        captions = [it.caption for it in ts.items] + ([""] if c.caption_dropout > 0 else [])
-        if c.train_text_encoder:  # the encoder changes every step: its embeddings cannot be cached
-            captions = []
-        # bf16 embeddings halve the text encoder's memory on a GPU; the CPU keeps fp32.
-        text_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.report.status(phase="caching latents and text")
-        features = prepare_features(
-            ts, captions, self.resolved.model_dir, self.cache, self.device, text_dtype, self.cache_stats,
-            log=self.report.log, beat=self.report.beat, quantize_te=c.quantize_te,
-        )  # fmt: skip
-        return features
-
-    def _transformer_with_lora(self):
-        """The transformer with the user's LoRA (or, for a full fine-tune, all weights) trainable."""
-        from zimage.training.model_setup import trainable_transformer
-
-        return trainable_transformer(self)
-
-    def _scheduler(self, optimizer):
-        from diffusers.optimization import get_scheduler
-
-        c = self.config
-        n = self.accelerator.num_processes  # accelerate steps a prepared scheduler once per process
-        return get_scheduler(
-            c.lr_scheduler,
-            optimizer,
-            num_warmup_steps=c.lr_warmup_steps * n,
-            num_training_steps=c.num_steps * n,
-        )
-
-    # -- the loop ------------------------------------------------------------------------------
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` on the training device in the weight dtype (no op at all when it already is)."""
         if tensor.device == self.device and tensor.dtype == self.weight_dtype:
@@ -211,61 +177,58 @@ class LoraTrainer:
         return tensor.to(self.device, self.weight_dtype)
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
-        c = self.config
-        latents = self.features.latents
+        c, latents = self.config, self.features.latents
         x0 = self._on_device(latents[batch[0]][None] if len(batch) == 1 else torch.stack([latents[i] for i in batch]))
         noise = self._on_device(torch.randn(x0.shape, generator=self.noise_gen))
-        sigmas = sample_sigmas(
-            len(batch), c.timestep_sampling, shift=c.timestep_shift, logit_mean=c.logit_mean,
+        sigmas = zimage_math.sample_sigmas(
+            len(batch), c.timestep_sampling, shift=c.timestep_shift or 1.0, logit_mean=c.logit_mean,
             logit_std=c.logit_std, generator=self.noise_gen, device=self.device,
         )  # fmt: skip
-        captions = [self.training_set.items[i].caption for i in batch]
-        if c.caption_dropout > 0:
-            captions = ["" if self.caption_rng.random() < c.caption_dropout else cap for cap in captions]
+        captions = [
+            drop_caption(self.training_set.items[i].caption, self.caption_rng, c.caption_dropout) for i in batch
+        ]
         if self.text_lora is not None:
             text = [t.to(self.weight_dtype) for t in self.text_lora.encode(captions, self.text_encoder)]
         else:
             text = [self._on_device(self.features.text[cap]) for cap in captions]
-        x_t = zimage_math.noisy_latents(x0, noise, sigmas)
         # accelerate.prepare() already runs the transformer's forward under autocast for bf16 / fp16.
-        pred = zimage_math.predict(self.transformer, x_t, sigmas, text)
-        if pred.dtype != torch.float32:
-            pred = pred.float()
-        target = zimage_math.flow_target(x0, noise)
-        if target.dtype != torch.float32:
-            target = target.float()
-        if c.loss_weighting == "none":  # one fused kernel for the common case
-            return torch.nn.functional.mse_loss(pred, target)
-        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-        return (per_sample * loss_weights(c.loss_weighting, sigmas)).mean()
+        pred = zimage_math.predict(self.transformer, zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text)
+        return zimage_math.flow_loss(pred, zimage_math.flow_target(x0, noise), sigmas, c.loss_weighting)
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm)."""
+        """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm).
+
+        As accelerate documents it: inside accumulate() the gradient sync (DDP) and the optimizer,
+        scheduler and zero_grad calls take effect on the last micro-batch only; backward() divides the
+        loss by the accumulation and scales it for fp16; clip_grad_norm_ unscales first (0: measure only).
+        """
         c, acc = self.config, self.accelerator
         self._reseed()
-        self.stepper.before_backward()
-        if self._lean:
-            loss = self._loss(self.sampler.next_batch())
-            loss.backward()
-            grad_norm = self.stepper.clip(c.max_grad_norm or math.inf)
-            self.stepper.step()
-            return loss.item(), float(grad_norm)
         total, grad_norm = None, math.nan
         for _ in range(c.gradient_accumulation):
             with acc.accumulate(*[m for m in (self.transformer, self.text_encoder) if m is not None]):
                 loss = self._loss(self.sampler.next_batch())
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    grad_norm = self.stepper.clip(c.max_grad_norm or math.inf)
-                    self.stepper.step()
+                    grad_norm = acc.clip_grad_norm_(self.params, c.max_grad_norm or math.inf)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
             total = loss.detach() if total is None else total + loss.detach()
         mean = (acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total) / c.gradient_accumulation
         return float(mean), float(grad_norm)
 
+    # -- the loop ------------------------------------------------------------------------------
     def request_stop(self, reason: str = "stop requested") -> None:
         if not self.stop_requested:
             self.report.log(f"Stopping: {reason}")
         self.stop_requested = True
+
+    def _act(self, req: ControlRequests) -> None:
+        if req.save_now:
+            self.save_checkpoint("requested")
+        if req.sample_now:
+            self.sample("requested")
 
     def train(self, on_step=None) -> TrainResult:
         """Run to num_steps (or a stop request), then save the LoRA. `on_step(record)` sees every step."""
@@ -275,11 +238,13 @@ class LoraTrainer:
         self.report.log(f"Training {c.num_steps} steps on {self.device} ({c.mixed_precision}), {per_step} images/step")
         for warning in self.resolved.warnings:
             self.report.log(f"Note: {warning}")
-        self.events.at_start()
+        if c.sample_every_n_steps and self.step == 0:
+            self.sample("baseline")
         started, first_step = time.perf_counter(), self.step
         loss = self.losses[-1] if self.losses else None
         while self.step < c.num_steps:
-            if not self.events.before_step():  # stop / pause / save now / sample now
+            if self.control.between_steps(self.step, self._act).stop:  # stop / pause / save now / sample now
+                self.request_stop("stop requested from the app" if not self.stop_requested else "stopping")
                 break
             lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step trains with
             t0 = time.perf_counter()
@@ -295,92 +260,125 @@ class LoraTrainer:
             self.losses.append(loss)
             elapsed = time.perf_counter() - started
             record = {
-                "step": self.step,
-                "loss": loss,
-                "lr": lr,
+                "step": self.step, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "step_time": step_time,
-                "samples_per_s": per_step / step_time if step_time > 0 else None,
-                "elapsed": elapsed,
-                "eta": elapsed / (self.step - first_step) * (c.num_steps - self.step),
-            }
+                "step_time": step_time, "samples_per_s": per_step / step_time if step_time > 0 else None,
+                "elapsed": elapsed, "eta": elapsed / (self.step - first_step) * (c.num_steps - self.step),
+            }  # fmt: skip
             if self.step % c.log_every_n_steps == 0 or self.step == c.num_steps:
                 record["mem_allocated"], record["mem_peak"] = memory_figures(self.device.type)
                 self.report.add_metrics(record)
             self.report.progress(step=self.step, loss=loss)
             if on_step is not None:
                 on_step(record)
-            self.events.after_step()  # checkpoints and samples every N steps
+            if self.step < c.num_steps:  # the end is handled below
+                if c.save_every_n_steps and self.step % c.save_every_n_steps == 0:
+                    self.save_checkpoint("every_n_steps")
+                if c.sample_every_n_steps and self.step % c.sample_every_n_steps == 0:
+                    self.sample("every_n_steps")
+
         state = "stopped" if self.step < c.num_steps else "completed"
         if state == "stopped":
             self.report.status(state="stopping", step=self.step)
-        self.events.at_end(state)  # a checkpoint on stop, the final sample on completion
+        self.control.replicas_identical(self.params)
+        if self.step > 0 and (state == "stopped" or c.save_every_n_steps):
+            self.save_checkpoint("stop" if state == "stopped" else "end")
+        if state == "completed" and c.sample_every_n_steps:
+            self.sample("end")
         output = self.save_output() if self.step > 0 else None
         return TrainResult(state=state, steps=self.step, output_path=output, final_loss=loss)
 
-    # -- output --------------------------------------------------------------------------------
-    def lora_modules(self) -> dict[str, lora_io.LoraModule]:
-        from peft.utils import get_peft_model_state_dict
+    # -- samples -------------------------------------------------------------------------------
+    def _prompt_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.text_lora is not None:  # the text encoder trains too: embed with its current weights
+            encoder = self.accelerator.unwrap_model(self.text_encoder)
+            return self.text_lora.embed_now(prompts, encoder, self.accelerator.autocast)
+        return self._features(TrainingSet(info=self.training_set.info, items=[]), prompts).text
 
-        model = self.accelerator.unwrap_model(self.transformer)
-        state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
-        return lora_io.modules_from_peft(state, self.config.lora_alpha)
+    def sample(self, reason: str) -> None:
+        """Sample images now with the weights as trained so far (rank 0 draws, the others wait)."""
+        if self.last_sample_step == self.step and reason != "requested":
+            return
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            from zimage.training.sampling import SampleSettings, TrainingSampler
 
+            if self.image_sampler is None:
+                c, r = self.config, self.resolved
+                fallback = self.training_set.items[0].caption if self.training_set.items else ""
+                self.image_sampler = TrainingSampler(
+                    SampleSettings.from_config(c, fallback), r.model_dir, self.device, self.weight_dtype,
+                    self._prompt_embeddings, fixed_embeddings=self.text_lora is None,
+                    adapter_path=r.adapter_path if c.training_type == "lora" else None, autocast=acc.autocast,
+                    run=self.report.run, log=self.report.log,
+                )  # fmt: skip
+            self.report.status(phase="sampling")
+            self.image_sampler.sample(acc.unwrap_model(self.transformer), self.step, reason)
+            self.report.status(phase="training")
+        self.last_sample_step = self.step
+        acc.wait_for_everyone()
+
+    # -- checkpoints and output ----------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        r = self.resolved
-        return lora_io.training_metadata(
-            self.config,
-            steps=self.step,
-            dataset_name=r.dataset_info.name or r.dataset_dir.name,
-            dataset_hash=self.training_set.content_hash,
-            num_images=len(self.training_set.items),
-            adapter_name=r.adapter_path.name if r.adapter_path else "",
-        )
+        r, ts = self.resolved, self.training_set
+        name, adapter = r.dataset_info.name or r.dataset_dir.name, r.adapter_path.name if r.adapter_path else ""
+        return lora_io.training_metadata(self.config, steps=self.step, dataset_name=name, dataset_hash=ts.content_hash,
+                                         num_images=len(ts.items), adapter_name=adapter)  # fmt: skip
 
-    def save_output(self) -> Path | None:
-        """The run's result: the LoRA file, or for a full fine-tune the transformer folder (finetune.py)."""
-        if self.config.training_type == "finetune":
-            from zimage.training.finetune import save_finetuned
-
-            return save_finetuned(self)
-        return self.save_lora()
-
-    def save_lora(self) -> Path | None:
-        """Write the LoRA file (main process only). A file that appeared since validation is never replaced."""
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        c = self.config
-        path = self.resolved.output_path
-        modules, meta, dtype = self.lora_modules(), self.metadata(), lora_io.DTYPES[c.save_dtype]
-        try:
-            lora_io.save_lora(path, modules, meta, dtype=dtype, overwrite=c.overwrite)
-        except FileExistsError:
-            n = 2
-            while path.with_name(f"{path.stem}-{n}{path.suffix}").exists():
-                n += 1
-            other = path.with_name(f"{path.stem}-{n}{path.suffix}")
-            self.report.log(f"{path.name} appeared while training; saving as {other.name} instead")
-            path = lora_io.save_lora(other, modules, meta, dtype=dtype, overwrite=False)
-        self.output_path = path
-        if self.text_lora is not None:  # the text encoder part goes beside it (see text_lora.py)
-            from zimage.training.text_lora import text_encoder_lora_path
-
-            te = self.text_lora.save(self.accelerator.unwrap_model(self.text_encoder), text_encoder_lora_path(path),
-                                     meta, dtype, overwrite=True)  # fmt: skip
-            self.report.log(f"Saved the text encoder LoRA to {te}")
-        self.report.log(f"Saved LoRA ({len(modules)} modules, step {self.step}) to {path}")
-        return path
+    def _unwrapped(self):
+        """(transformer, text encoder or None) without accelerate's wrappers."""
+        unwrap = self.accelerator.unwrap_model
+        return unwrap(self.transformer), (unwrap(self.text_encoder) if self.text_encoder is not None else None)
 
     def save_checkpoint(self, reason: str = "requested") -> None:
         """A resumable checkpoint now (weights + optimizer, scheduler, RNG, data position); see resume.py."""
-        self.events.checkpoint(reason)
+        if self.run_dir is None or self.last_checkpoint_step == self.step:
+            return
+        acc, c = self.accelerator, self.config
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.report.status(phase="saving checkpoint")
+            model, encoder = self._unwrapped()
+            ckpt = resume.save_checkpoint(
+                self.run_dir / "checkpoints", step=self.step, losses=self.losses, training_type=c.training_type,
+                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, sampler=self.sampler,
+                num_processes=acc.num_processes, reason=reason, keep_last=c.keep_last_n_checkpoints,
+                write=lambda folder: resume.write_weights(folder, model, c.training_type, c.lora_alpha,
+                                                          self.metadata(), self.text_lora, encoder),
+            )  # fmt: skip
+            self.report.log(f"Checkpoint at step {self.step} ({reason}): {ckpt.path.name}")
+            self.report.status(phase="training")
+        self.last_checkpoint_step = self.step
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Continue from `ckpt` (every process): weights, optimizer, scheduler, data position, RNG, losses."""
+        model, encoder = self._unwrapped()
+        self.step, self.losses = resume.restore(
+            ckpt, training_type=self.config.training_type, model=model, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, sampler=self.sampler, num_processes=self.accelerator.num_processes,
+            text_lora=self.text_lora, text_encoder=encoder, log=self.report.log,
+        )  # fmt: skip
+        self.report.log(f"Resumed from {ckpt.path.name}: continuing after step {self.step}")
+
+    def save_output(self) -> Path | None:
+        """The run's result (main process only; output.py): the LoRA file, or a fine-tune's folder."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        model, encoder = self._unwrapped()
+        self.output_path = save_output(self.config, model, self.resolved.output_path, self.metadata(), step=self.step,
+                                       text_lora=self.text_lora, text_encoder=encoder, log=self.report.log)  # fmt: skip
+        return self.output_path
 
     def cleanup(self) -> None:
         from diffusers.training_utils import free_memory
 
-        self.events.free()
-        if getattr(self, "accelerator", None) is not None:
+        if self.image_sampler is not None:
+            self.image_sampler.free()
+            self.image_sampler = None
+        if self.accelerator is not None:
             self.accelerator.free_memory()
-        self.transformer = self.optimizer = self.lr_scheduler = self.stepper = None
+        self.transformer = self.optimizer = self.lr_scheduler = self.text_encoder = None
         free_memory()

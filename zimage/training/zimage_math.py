@@ -4,8 +4,18 @@
   enable_thinking=True), is padded to 512 tokens, and the embedding is hidden_states[-2] with the
   padding removed: a list of (tokens, hidden) tensors, one per prompt.
 - Latents: (vae.encode(x).mode() - shift_factor) * scaling_factor; 16 channels at 1/8 size.
+- Noise levels: sigma runs from 0 (clean) to 1 (pure noise). Training draws them with the densities of
+  diffusers.training_utils (logit-normal, mode, uniform); "sigmoid" is the logit-normal with mean 0 and
+  std 1 the public Z-Image trainers use, and "shift" pushes uniform draws towards noise with the
+  flow-match scheduler's static shift (the model's own shift, read from its scheduler config).
 - Objective: x_t = (1 - sigma) * x0 + sigma * noise; the transformer takes a list of (C, 1, H, W)
-  latents and timestep t = 1 - sigma, and predicts x0 - noise (the sampler negates it).
+  latents and timestep t = 1 - sigma (the pipeline passes (1000 - t) / 1000), and predicts x0 - noise
+  (the sampler negates it).
+- CFG: the pipeline computes pos + g * (pos - neg), so the usual "CFG s" is guidance_scale s - 1.
+
+tests/test_zimage_math.py checks each of these against diffusers' own pipeline and scheduler code.
+The per-model sampling defaults and the scheduler shift of a model folder are read by config
+validation, which must not import zimage.training: they live in zimage.catalogue (the model table).
 """
 
 from __future__ import annotations
@@ -17,8 +27,11 @@ import torch
 MAX_TEXT_TOKENS = 512  # what the pipeline pads and truncates prompts to
 LATENT_CHANNELS = 16
 SIDE_MULTIPLE = 16  # VAE scale factor 8 x transformer patch size 2
+MODE_SCALE = 1.29  # the SD3 paper's value for the "mode" density
+MIN_SIGMA = 1e-3  # never exactly 0: a clean input teaches nothing and breaks sigma-based loss weights
 
 
+# -- loading ---------------------------------------------------------------------------------------
 def load_vae(model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
@@ -68,6 +81,7 @@ def load_transformer(model_dir: Path, dtype: torch.dtype = torch.float32, quanti
     return ZImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer", torch_dtype=dtype, **extra)
 
 
+# -- text --------------------------------------------------------------------------------------------
 def tokenize_prompts(tokenizer, prompts: list[str], max_length: int = MAX_TEXT_TOKENS):
     """(input ids, boolean attention mask) through the chat template, padded to `max_length`."""
     texts = [
@@ -96,6 +110,7 @@ def encode_prompts(
     return embed_tokens(text_encoder, ids.to(device), mask.to(device))
 
 
+# -- latents -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, 16, H/8, W/8) latents in the transformer's scale."""
@@ -112,6 +127,53 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents, return_dict=False)[0]
 
 
+# -- noise levels ------------------------------------------------------------------------------------
+def shift_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """The flow-match scheduler's static shift: shift 1 changes nothing, shift 3 spends more time near noise."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def sample_sigmas(
+    batch_size: int,
+    mode: str,
+    *,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """`batch_size` sigmas in (0, 1] drawn with `mode` (sigmoid | logit_normal | uniform | shift | mode).
+
+    `shift` is used by "shift" only (1.0: no shift); the trainer passes the config's timestep_shift,
+    which validation fills from the model's scheduler config.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling as density
+
+    if mode == "sigmoid":
+        u = density("logit_normal", batch_size, 0.0, 1.0, generator=generator)
+    elif mode == "logit_normal":
+        u = density("logit_normal", batch_size, logit_mean, logit_std, generator=generator)
+    elif mode == "mode":
+        u = density("mode", batch_size, mode_scale=MODE_SCALE, generator=generator)
+    elif mode in ("uniform", "shift"):
+        u = density("uniform", batch_size, generator=generator)
+        if mode == "shift":
+            u = shift_sigmas(u, shift)
+    else:
+        raise ValueError(f"unknown timestep sampling {mode!r}")
+    u = u.clamp(MIN_SIGMA, 1.0)
+    return u if u.device == torch.device(device) else u.to(device)
+
+
+def loss_weights(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weights (none | sigma_sqrt | cosmap), as in diffusers' SD3 recipe."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    return compute_loss_weighting_for_sd3(scheme, sigmas).float()
+
+
+# -- the objective -----------------------------------------------------------------------------------
 def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Flow matching: a straight line from the clean latent (sigma 0) to pure noise (sigma 1)."""
     s = sigmas.view(-1, *([1] * (x0.dim() - 1)))
@@ -125,14 +187,31 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return x0 - noise
 
 
+def model_timestep(sigmas: torch.Tensor) -> torch.Tensor:
+    """The transformer's timestep for noise level sigma: it runs from 0 (noise) to 1 (clean)."""
+    return 1.0 - sigmas
+
+
 def predict(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, text: list[torch.Tensor]) -> torch.Tensor:
     """Run the transformer on a (B, C, H, W) batch; returns (B, C, H, W) in the input's layout."""
     latents = list(x_t.unsqueeze(2).unbind(0))  # a list of (C, 1, H, W): the frame axis the model expects
-    timesteps = (1.0 - sigmas).to(x_t.dtype)  # the model's t runs from 0 (noise) to 1 (clean)
-    out = transformer(latents, timesteps, text, return_dict=False)[0]
+    out = transformer(latents, model_timestep(sigmas).to(x_t.dtype), text, return_dict=False)[0]
     return torch.stack(out, dim=0).squeeze(2)
 
 
+def flow_loss(pred: torch.Tensor, target: torch.Tensor, sigmas: torch.Tensor, weighting: str = "none") -> torch.Tensor:
+    """MSE of the prediction in fp32, optionally weighted per sample by its noise level."""
+    if pred.dtype != torch.float32:
+        pred = pred.float()
+    if target.dtype != torch.float32:
+        target = target.float()
+    if weighting == "none":  # one fused kernel for the common case
+        return torch.nn.functional.mse_loss(pred, target)
+    per_sample = ((pred - target) ** 2).mean(dim=tuple(range(1, pred.dim())))
+    return (per_sample * loss_weights(weighting, sigmas)).mean()
+
+
+# -- sampling ----------------------------------------------------------------------------------------
 def guidance_scale(cfg: float) -> float:
     """The pipeline's guidance_scale for a CFG value in the usual sense (it computes pos + g * (pos - neg))."""
     return max(0.0, float(cfg) - 1.0)
