@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in every test process and every worker it starts (they inherit the environment). The tiny
+# model's kernels take microseconds; with two OpenMP threads on a shared 2-core machine each kernel waits at a
+# barrier for a descheduled thread (5-15x slower steps, measured). The losses are the same either way; tests
+# run in two processes (pytest -n 2) instead.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
