@@ -16,7 +16,7 @@ from pydantic import Field
 
 from zimage.data.images import is_image_name
 from zimage.errors import UserError
-from zimage.fsio import atomic_write, write_json
+from zimage.fsio import write_json
 from zimage.records import Damaged, Record, read_record
 
 DATASET_TYPES = ("character", "style", "concept")
@@ -41,7 +41,6 @@ def check_slug(name: str, what: str = "name") -> str:
     return name
 
 
-atomic_write_text = atomic_write  # TEMPORARY alias while the workers move to zimage.fsio; removed after
 
 
 @dataclass

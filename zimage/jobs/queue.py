@@ -10,10 +10,8 @@ The registry database only mirrors these files.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -23,7 +21,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from zimage.errors import UserError
-from zimage.fsio import read_json
+from zimage.fsio import atomic_folder
+from zimage.records import Damaged
+from zimage.run_records import status_fields
 from zimage.runfolder import FINAL_STATES, RunFolder
 from zimage.settings import Settings
 
@@ -77,19 +77,20 @@ def run_dirs(settings: Settings) -> list[Path]:
 
 
 def queued_runs(settings: Settings) -> list[tuple[str, dict]]:
-    """(run_id, status) of every queued job, first in line first (read from the folders)."""
+    """(run_id, status) of every queued job, first in line first (read from the folders). A run whose
+    status.json is damaged is not in line: it is listed as damaged (runinfo.damaged_runs), never started."""
     out = []
     for path in run_dirs(settings):
-        status = read_json(path / "status.json", {}) or {}
-        if status.get("state") == "queued":
-            out.append((path.name, status))
-    out.sort(key=lambda item: (float(item[1].get("queue_order") or 0), item[0]))
+        rec = RunFolder(path).status_or_problem()
+        if not isinstance(rec, Damaged) and rec.state == "queued":
+            out.append((path.name, status_fields(rec)))
+    out.sort(key=lambda item: (item[1].get("queue_order") or 0.0, item[0]))
     return out
 
 
 def _next_order(settings: Settings) -> float:
     # Strictly after everything in line, even if the clock steps back.
-    last = max((float(s.get("queue_order") or 0) for _, s in queued_runs(settings)), default=0.0)
+    last = max((s.get("queue_order") or 0.0 for _, s in queued_runs(settings)), default=0.0)
     return max(time.time(), last + 1e-3)
 
 
@@ -129,9 +130,8 @@ def enqueue(
                 break
         else:  # pragma: no cover - 65536 ids per second per label
             raise JobError("could not find a free run id; try again")
-        tmp = settings.runs_dir / f".new-{run_id}"
-        folder = RunFolder(tmp)
-        try:
+        with atomic_folder(settings.runs_dir / run_id) as tmp:  # the run appears whole, or not at all
+            folder = RunFolder(tmp)
             folder.write_config(config)
             folder.update_status(
                 state="queued",
@@ -144,10 +144,6 @@ def enqueue(
                 host=socket.gethostname(),
                 step=0,
             )
-            os.rename(tmp, settings.runs_dir / run_id)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return run_id
 
 
@@ -163,7 +159,7 @@ def move(settings: Settings, run_id: str, offset: int) -> int:
         new = min(max(old + offset, 0), len(ids) - 1)
         if new == old:
             return old
-        orders = [float(s.get("queue_order") or 0) for _, s in line]
+        orders = [s.get("queue_order") or 0.0 for _, s in line]
         ids.insert(new, ids.pop(old))
         # Reuse the same set of order numbers, so nothing outside the moved span changes.
         lo, hi = min(old, new), max(old, new)
@@ -176,7 +172,7 @@ def cancel(settings: Settings, run_id: str) -> None:
     """Take a queued job out of the line; its folder stays, with state "stopped" and `cancelled: true`."""
     folder = run_folder(settings, run_id)
     with queue_lock(settings):
-        state = folder.read_status().get("state")
+        state = folder.checked_status().get("state")
         if state != "queued":
             raise JobError(f"run {run_id}: is {state}, not queued; use stop for a started run")
         folder.update_status(state="stopped", cancelled=True, ended=time.time())
@@ -190,7 +186,7 @@ def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
     """
     folder = run_folder(settings, run_id)
     with queue_lock(settings):
-        status = folder.read_status()
+        status = folder.checked_status()
         if status.get("state") not in FINAL_STATES or status.get("state") == "completed":
             raise JobError(f"run {run_id}: is {status.get('state')}; only stopped, failed or lost runs can be resumed")
         folder.retire_control()
@@ -198,7 +194,7 @@ def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
             state="queued",
             queue_order=_next_order(settings),
             resume=True,
-            resumes=int(status.get("resumes") or 0) + 1,
+            resumes=(status.get("resumes") or 0) + 1,
             requeued_by=user or status.get("user"),
             cancelled=False,
             ended=None,

@@ -7,7 +7,7 @@ out, but a migration keeps a big registry usable without re-reading every metric
 
 Tables (times are Unix seconds, as in status.json):
     datasets     one row per datasets/<name>/dataset.json, with image and caption counts
-    runs         one row per job folder of any kind (train, caption, testgrid, fake): what status.json
+    runs         one row per job folder of any kind (train, caption, testgrid): what status.json
                  and config.json say, plus a summary of its metrics (kept here so the runs list never
                  aggregates the metrics table)
     metrics      one row per metrics.jsonl line: (run_id, line) + the DESIGN.md metric fields

@@ -28,6 +28,7 @@ from zimage.config import (
 from zimage.config.schema import MIXED_PRECISIONS, TIMESTEP_SAMPLINGS, TRAINING_TYPES
 from zimage.config.validate import SAMPLING_DEFAULTS, output_dir_for
 from zimage.data.folders import list_datasets
+from zimage.optimizers import OPTIMIZERS
 from zimage.settings import Settings
 
 KEY = "tr_"
@@ -35,7 +36,6 @@ EXTRA_KEY = "tr__extra"
 GROUPS = {"basic": "Basic", "lora": "LoRA", "training": "Training", "advanced": "Advanced", "samples": "Samples"}
 MODEL_TYPE_LABELS = {"turbo": "Turbo (+ training adapter)", "de_turbo": "De-Turbo"}
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-OPTIMIZERS = ("adamw8bit", "adamw", "adafactor", "prodigy")  # zimage.training.optim.OPTIMIZERS, no torch import
 
 
 @dataclass(frozen=True)
