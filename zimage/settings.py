@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zimage.errors import UserError
 
@@ -55,10 +55,25 @@ class SchedulerSettings(_Section):
     jobs_per_gpu: int = Field(default=1, ge=1, le=64)  # jobs that share one GPU
 
 
+class PathSettings(_Section):
+    """Where runs may write outputs besides ZIMAGE_HOME (TrainingConfig.output_dir is checked against these)."""
+
+    allowed_output_roots: list[str] = Field(default_factory=list)  # absolute folders, e.g. ["/mnt/shared/loras"]
+
+    @field_validator("allowed_output_roots")
+    @classmethod
+    def _absolute(cls, roots: list[str]) -> list[str]:
+        relative = [r for r in roots if not Path(r).expanduser().is_absolute()]
+        if relative:
+            raise ValueError(f"must be absolute folders; {relative} are not")
+        return roots
+
+
 class HomeSettings(_Section):
     """The whole of settings.toml; every section and field optional."""
 
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
 
 
 class SettingsFileError(UserError):

@@ -5,8 +5,9 @@
 - With --run-dir DIR holding config.json (the job queue's way): trains from that file and never changes it.
 - An invalid config exits 2 with every problem listed and starts no run (a folder this command created is
   removed again; a queue's folder gets status `failed` with the problems).
-- `zimage train --resume RUN_DIR` continues a stopped, failed or lost run from its newest complete
-  checkpoint with the run's own config.json (the queue's resume does the same: it launches
+- `zimage train --resume RUN_DIR [--checkpoint step-000040]` continues a stopped, failed or lost run from
+  its newest complete checkpoint (damaged ones are skipped and named), or the one given, with the run's own
+  config.json (the queue's resume does the same: it launches
   `--run-dir DIR` with `resume: true` in status.json).
 """
 
@@ -25,6 +26,8 @@ def register(sub) -> None:
     p.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its newest checkpoint"
     )
+    p.add_argument("--checkpoint", metavar="NAME",
+                   help="with --resume: continue from this checkpoint (e.g. step-000040) instead of the newest")  # fmt: skip
     p.add_argument("--preset", help="start from a preset: quick_test, character_lora, style_lora, concept_lora")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field (repeatable), e.g. --set lora_rank=16")  # fmt: skip
@@ -63,7 +66,9 @@ def run(args) -> int:
             raise UserError(
                 "--resume RUN_DIR uses the run's own config.json: give no CONFIG, --run-dir, --preset or --set"
             )
-        return resume(Path(args.resume).expanduser().resolve(), settings)
+        return resume(Path(args.resume).expanduser().resolve(), settings, checkpoint_name=args.checkpoint)
+    if args.checkpoint:
+        raise UserError("--checkpoint NAME goes with --resume RUN_DIR")
     run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
     if run_dir is not None and not args.config and RunFolder(run_dir).read_status().get("resume"):
         return resume(run_dir, settings)  # the job queue's resume of a stopped / lost run
@@ -91,6 +96,9 @@ def run(args) -> int:
             RunFolder(run_dir).update_status(state="failed", error=str(exc), ended=time.time())
         raise
 
+    from zimage.training.memory_fit import with_memory_warning
+
+    resolved = with_memory_warning(resolved)  # logged by the trainer with the other warnings
     created = run_dir is None
     if run_dir is None:
         run_dir = new_run_dir(settings.runs_dir, resolved.config.output_name)
@@ -107,12 +115,13 @@ def run(args) -> int:
     return _train_with_progress(resolved, settings, run_dir)
 
 
-def resume(run_dir: Path, settings) -> int:
-    """Continue the run in `run_dir` from its newest checkpoint (its config.json is used unchanged)."""
+def resume(run_dir: Path, settings, checkpoint_name: str | None = None) -> int:
+    """Continue the run in `run_dir` from its newest complete checkpoint, or the one named (its config.json
+    is used unchanged). Damaged checkpoints are passed over and named; a damaged named one is an error."""
     from zimage.config import ConfigError, build_config, read_config_file, validate_config
     from zimage.errors import UserError
     from zimage.runfolder import ACTIVE_STATES, RunFolder
-    from zimage.training.checkpoints import newest_checkpoint
+    from zimage.training.checkpoints import find_checkpoint, resumable_checkpoints
     from zimage.training.distributed import is_main_rank
 
     folder = RunFolder(run_dir)
@@ -124,6 +133,12 @@ def resume(run_dir: Path, settings) -> int:
         raise UserError(f"--resume {run_dir}: the run already completed; start a new run to train further")
     if is_main_rank() and state in ACTIVE_STATES and status.get("pid") and folder.worker_alive():
         raise UserError(f"--resume {run_dir}: the run is {state} in process {status.get('pid')}; stop it first")
+    if checkpoint_name:  # refused before anything changes in the run folder
+        ckpt = find_checkpoint(folder.checkpoints_dir, checkpoint_name)
+        skipped = []
+    else:
+        good, skipped = resumable_checkpoints(folder.checkpoints_dir)
+        ckpt = good[0] if good else None
     config = build_config(read_config_file(folder.config_path))
     # The LoRA this run saved when it stopped may be replaced by the resumed run; any other file may not.
     earlier = status.get("output_path")
@@ -136,15 +151,21 @@ def resume(run_dir: Path, settings) -> int:
         if is_main_rank():
             folder.update_status(state="failed", error=str(exc), ended=time.time())
         raise
-    ckpt = newest_checkpoint(folder.checkpoints_dir)
+    from zimage.training.memory_fit import with_memory_warning
+
+    resolved = with_memory_warning(resolved)
     if is_main_rank():
         folder.retire_control()  # the stop that ended the earlier process is not a request to this one
+        for bad, why in skipped:
+            if ckpt is None or bad.step > ckpt.step:
+                print(f"skipped damaged checkpoint {bad.path}: {why}", file=sys.stderr, flush=True)
         where = f"step {ckpt.step} ({ckpt.path.name})" if ckpt else "step 0 (no checkpoint yet)"
         print(f"run folder: {run_dir}\nresuming from {where}", flush=True)
-    return _train_with_progress(resolved, settings, run_dir, resume=True)
+    return _train_with_progress(resolved, settings, run_dir, resume=True, checkpoint=ckpt, chosen=checkpoint_name)
 
 
-def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False) -> int:
+def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False, checkpoint=None, chosen=None) -> int:
+    """Train with a progress bar; `checkpoint` is where a resume starts, `chosen` the --checkpoint name."""
     from tqdm import tqdm
 
     from zimage.training.distributed import is_main_rank
@@ -153,11 +174,7 @@ def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False
     quiet = None if is_main_rank() else True  # one progress bar, not one per process
     bar = tqdm(total=resolved.config.num_steps, unit="step", dynamic_ncols=True, disable=quiet, file=sys.stderr)
     if resume:
-        from zimage.runfolder import RunFolder
-        from zimage.training.checkpoints import newest_checkpoint
-
-        ckpt = newest_checkpoint(RunFolder(run_dir).checkpoints_dir)
-        bar.update(ckpt.step if ckpt else 0)
+        bar.update(checkpoint.step if checkpoint else 0)
 
     def on_step(record: dict) -> None:
         bar.update(1)
@@ -167,7 +184,8 @@ def _train_with_progress(resolved, settings, run_dir: Path, resume: bool = False
         tqdm.write(message, file=sys.stderr)
 
     try:
-        code = run_training(resolved, settings, run_dir, echo=echo, on_step=on_step, resume=resume)
+        code = run_training(resolved, settings, run_dir, echo=echo, on_step=on_step, resume=resume,
+                            checkpoint_name=chosen)  # fmt: skip
     finally:
         bar.close()
     from zimage.runfolder import RunFolder

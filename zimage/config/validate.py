@@ -12,6 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 
 from zimage import catalogue
+from zimage.config.limits import (
+    NAME_PATTERN,
+    output_root_problem,
+    value_problems,
+)
 from zimage.config.schema import (
     CONFIG_VERSION,
     LOSS_WEIGHTINGS,
@@ -31,7 +36,6 @@ from zimage.optimizers import OPTIMIZERS
 from zimage.settings import Settings
 
 SAMPLING_DEFAULTS = catalogue.SAMPLING_DEFAULTS  # (steps, CFG) by model type; the Train page reads it here
-MIN_RESOLUTION, MAX_RESOLUTION = 256, 4096
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
     def bad(field: str, value, allowed: str) -> None:
         problems.append(ConfigProblem(field, value, allowed))
 
-    # -- values that need nothing but the config
+    # -- values that need nothing but the config (ranges and finiteness: limits.py)
+    problems += value_problems(c)
     if c.config_version != CONFIG_VERSION:
         bad("config_version", c.config_version, f"this version of the studio reads config_version {CONFIG_VERSION}")
     if c.training_type not in TRAINING_TYPES:
@@ -126,18 +131,6 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         bad(
             "model_type", c.model_type, f"must be one of {', '.join(catalogue.MODEL_TYPES)} (or null: follow the model)"
         )
-    if c.resolution % 16 or not MIN_RESOLUTION <= c.resolution <= MAX_RESOLUTION:
-        bad("resolution", c.resolution, f"must be a multiple of 16 from {MIN_RESOLUTION} to {MAX_RESOLUTION}")
-    if not 0.0 <= c.caption_dropout <= 1.0:
-        bad("caption_dropout", c.caption_dropout, "must be between 0 and 1")
-    if c.min_image_side is not None and c.min_image_side < 8:
-        bad("min_image_side", c.min_image_side, "must be at least 8 (or null: resolution // 4)")
-    if c.lora_rank < 1:
-        bad("lora_rank", c.lora_rank, "must be an integer >= 1")
-    if c.lora_alpha <= 0:
-        bad("lora_alpha", c.lora_alpha, "must be > 0 (the LoRA is scaled by alpha / rank)")
-    if not 0.0 <= c.lora_dropout < 1.0:
-        bad("lora_dropout", c.lora_dropout, "must be >= 0 and < 1")
     unknown_modules = [m for m in c.lora_target_modules if m not in TARGET_MODULES]
     if unknown_modules or not c.lora_target_modules:
         bad("lora_target_modules", c.lora_target_modules, f"a non-empty list from {', '.join(TARGET_MODULES)}")
@@ -164,18 +157,6 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
             "train_text_encoder: text embeddings cannot be cached while the text encoder trains, so every step "
             "runs the text encoder (slower, and it stays in memory)"
         )
-    if not c.learning_rate > 0:
-        bad("learning_rate", c.learning_rate, "must be > 0")
-    for name in ("num_steps", "batch_size", "gradient_accumulation", "log_every_n_steps"):
-        if getattr(c, name) < 1:
-            bad(name, getattr(c, name), "must be an integer >= 1")
-    for name in ("lr_warmup_steps", "save_every_n_steps", "sample_every_n_steps", "keep_last_n_checkpoints", "seed"):
-        if getattr(c, name) < 0:
-            bad(name, getattr(c, name), "must be an integer >= 0")
-    if c.weight_decay < 0:
-        bad("weight_decay", c.weight_decay, "must be >= 0")
-    if c.max_grad_norm < 0:
-        bad("max_grad_norm", c.max_grad_norm, "must be >= 0 (0: no clipping)")
     from diffusers.optimization import SchedulerType
 
     schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
@@ -183,26 +164,17 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         bad("lr_scheduler", c.lr_scheduler, f"must be one of {', '.join(schedulers)}")
     if c.timestep_sampling not in TIMESTEP_SAMPLINGS:
         bad("timestep_sampling", c.timestep_sampling, f"must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    if c.timestep_shift is not None and not c.timestep_shift > 0:
-        bad("timestep_shift", c.timestep_shift, "must be > 0 (or null: the model's scheduler shift)")
-    if not c.logit_std > 0:
-        bad("logit_std", c.logit_std, "must be > 0")
     if c.loss_weighting not in LOSS_WEIGHTINGS:
         bad("loss_weighting", c.loss_weighting, f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
     if c.save_dtype not in SAVE_DTYPES:
         bad("save_dtype", c.save_dtype, f"must be one of {', '.join(SAVE_DTYPES)}")
-    if c.sample_steps is not None and c.sample_steps < 1:
-        bad("sample_steps", c.sample_steps, "must be an integer >= 1 (or null: the model's default)")
-    if c.sample_resolution is not None and (
-        c.sample_resolution % 16 or not 64 <= c.sample_resolution <= MAX_RESOLUTION
-    ):
-        bad("sample_resolution", c.sample_resolution, f"must be a multiple of 16 from 64 to {MAX_RESOLUTION} (or null)")
-    if c.sample_cfg is not None and c.sample_cfg < 1.0:
-        bad("sample_cfg", c.sample_cfg, "must be >= 1.0 (1.0 = no CFG; or null: the model's default)")
     try:
         check_slug(c.output_name, "output_name")
     except BadName as exc:
         bad("output_name", c.output_name, str(exc).split(": ", 1)[-1])
+    else:
+        if not NAME_PATTERN.fullmatch(c.output_name):  # check_slug's `$` accepts a trailing newline
+            bad("output_name", c.output_name, "must be 1-64 lowercase letters, digits, '-' or '_' and nothing else")
 
     # -- this machine
     if c.mixed_precision not in MIXED_PRECISIONS:
@@ -289,6 +261,10 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         bad("output_name", c.output_name, f"{output_path} already exists; choose another name or set overwrite: true")
     if output_path.parent.exists() and not output_path.parent.is_dir():
         bad("output_dir", c.output_dir, f"{output_path.parent} is a file, not a folder")
+    elif c.output_dir:
+        reason = output_root_problem(output_path.parent, settings)
+        if reason:
+            bad("output_dir", c.output_dir, reason)
 
     if problems:
         raise ConfigError(problems)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from zimage.training import checkpoints, lora_io
-from zimage.training.checkpoints import Checkpoint, CheckpointError
+from zimage.training.checkpoints import Checkpoint, CheckpointError, DamagedCheckpoint
 from zimage.training.model_setup import ADAPTER_NAME
 
 STATE_FORMAT = 1
@@ -74,7 +74,10 @@ def _load_lora(model, ckpt: Checkpoint) -> None:
     from peft.utils import get_peft_model_state_dict
 
     wanted = {k: v.shape for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
-    saved = lora_io.peft_state(lora_io.read_lora(ckpt.lora_path).modules)
+    try:
+        saved = lora_io.peft_state(lora_io.read_lora(ckpt.lora_path).modules)
+    except Exception as exc:  # a truncated or garbled file: safetensors, OSError or our own format checks
+        raise DamagedCheckpoint(f"{ckpt.lora_path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     for key, tensor in saved.items():
         if wanted.get(key) != tensor.shape:
             raise CheckpointError(
@@ -101,7 +104,8 @@ def restore(
 ) -> tuple[int, list[float]]:  # fmt: skip
     """Load checkpoint `ckpt` into a set-up run (every process); returns (step it continues after, losses).
 
-    `model` and `text_encoder` are unwrapped; optimizer and scheduler are the prepared ones."""
+    `model` and `text_encoder` are unwrapped; optimizer and scheduler are the prepared ones. Every file is read
+    before anything is loaded into the run where it can be, so a DamagedCheckpoint leaves the run as set up."""
     state = ckpt.load_state()
     if state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt.path}: resume state format {state.get('format')} is not {STATE_FORMAT}")
@@ -125,3 +129,27 @@ def restore(
             f"{num_processes}; data order and LR schedule continue approximately"
         )
     return int(state["step"]), [float(x) for x in state["losses"].tolist()]
+
+
+def restore_complete(
+    ckpt: Checkpoint, *, fallback: bool = True, log: Callable[[str], None] = lambda _m: None, **parts
+) -> tuple[Checkpoint, int, list[float]]:
+    """`restore` from `ckpt`, or (with `fallback`) the newest older complete checkpoint if `ckpt` is damaged.
+
+    Every damaged checkpoint newer than the one used is named in `log` with its full path and why; returns
+    (the checkpoint used, step, losses). With no usable one left, the last DamagedCheckpoint is raised."""
+    good, damaged = checkpoints.resumable_checkpoints(ckpt.path.parent)
+    for bad, why in damaged:
+        if bad.step > ckpt.step:
+            log(f"Skipped checkpoint {bad.path}: {why}")
+    candidates = [ckpt, *([c for c in good if c.step < ckpt.step] if fallback else [])]
+    for n, candidate in enumerate(candidates, 1):
+        try:
+            step, losses = restore(candidate, log=log, **parts)
+        except DamagedCheckpoint as exc:
+            if n == len(candidates):
+                raise
+            log(f"Skipped checkpoint {candidate.path}: {exc}")
+            continue
+        return candidate, step, losses
+    raise AssertionError("unreachable: the loop returns or raises")

@@ -25,27 +25,35 @@ def run_training(
     echo: Callable[[str], None] | None = None,
     on_step: Callable[[dict], None] | None = None,
     resume: bool = False,
+    checkpoint_name: str | None = None,
 ) -> int:
     """Train in `run_dir` (config.json already written). Returns the process exit code.
 
     With `resume`, training continues from the newest complete checkpoint in the run folder; the
-    requests the earlier process acted on are in status.json and are not acted on again.
+    requests the earlier process acted on are in status.json and are not acted on again. `checkpoint_name`
+    (step-000040) resumes from that checkpoint instead, with no fallback if it is damaged.
     """
-    from zimage.training.checkpoints import newest_checkpoint
+    from zimage.training.checkpoints import find_checkpoint, newest_checkpoint, resumable_checkpoints
     from zimage.training.distributed import is_main_rank
     from zimage.training.trainer import LoraTrainer
 
     run_dir = Path(run_dir)
     main = is_main_rank()
-    checkpoint = newest_checkpoint(run_dir / "checkpoints") if resume else None
+    checkpoint = None
+    if resume:
+        folder = run_dir / "checkpoints"
+        checkpoint = find_checkpoint(folder, checkpoint_name) if checkpoint_name else newest_checkpoint(folder)
     start = checkpoint.step if checkpoint else 0
 
     def train(job: Job) -> dict:
         job.status(resumed_from_step=start if resume else None, step=start)
         if resume and checkpoint is None:
+            for bad, why in resumable_checkpoints(run_dir / "checkpoints")[1]:
+                job.log(f"Skipped checkpoint {bad.path}: {why}")
             job.log("Resume asked, but the run folder holds no complete checkpoint: starting at step 0")
         job.progress(step=start, phase="starting")
-        trainer = LoraTrainer(resolved, settings, job, run_dir=run_dir, resume_from=checkpoint)
+        trainer = LoraTrainer(resolved, settings, job, run_dir=run_dir, resume_from=checkpoint,
+                              resume_fallback=checkpoint_name is None)  # fmt: skip
         job.at_end(trainer.cleanup)  # after the final state is on disk, as before
         job.when_stopped(trainer.request_stop)  # SIGTERM / SIGINT: save, then stop
         trainer.setup()

@@ -76,8 +76,10 @@ class LoraTrainer:
         reporter: Reporter | None = None,
         run_dir: Path | None = None,
         resume_from: Checkpoint | None = None,
+        resume_fallback: bool = True,
     ):
-        """`run_dir` holds checkpoints (default: the reporter's run folder); `resume_from` a Checkpoint."""
+        """`run_dir` holds checkpoints (default: the reporter's run folder); `resume_from` a Checkpoint, with
+        `resume_fallback` to an older complete one if it proves damaged."""
         self.resolved = resolved
         self.config = resolved.config
         self.settings = settings
@@ -94,6 +96,7 @@ class LoraTrainer:
         self.output_path: Path | None = None
         self.run_dir = Path(run_dir) if run_dir else (self.report.run.path if self.report.run is not None else None)
         self.resume_from = resume_from
+        self.resume_fallback = resume_fallback
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -353,14 +356,19 @@ class LoraTrainer:
         acc.wait_for_everyone()
 
     def load_checkpoint(self, ckpt: Checkpoint) -> None:
-        """Continue from `ckpt` (every process): weights, optimizer, scheduler, data position, RNG, losses."""
+        """Continue from `ckpt` (every process): weights, optimizer, scheduler, data position, RNG, losses.
+
+        Damaged checkpoints are named in the log; a damaged `ckpt` falls back to the next older complete
+        one unless `resume_fallback` is off (the user chose this one). See resume.restore_complete."""
         model, encoder = self._unwrapped()
-        self.step, self.losses = resume.restore(
-            ckpt, training_type=self.config.training_type, model=model, optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler, sampler=self.sampler, num_processes=self.accelerator.num_processes,
-            text_lora=self.text_lora, text_encoder=encoder, log=self.report.log,
+        used, self.step, self.losses = resume.restore_complete(
+            ckpt, fallback=self.resume_fallback, training_type=self.config.training_type, model=model,
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, sampler=self.sampler, text_lora=self.text_lora,
+            num_processes=self.accelerator.num_processes, text_encoder=encoder, log=self.report.log,
         )  # fmt: skip
-        self.report.log(f"Resumed from {ckpt.path.name}: continuing after step {self.step}")
+        if used is not ckpt:
+            self.report.status(resumed_from_step=used.step, step=used.step)
+        self.report.log(f"Resumed from {used.path.name}: continuing after step {self.step}")
 
     def save_output(self) -> Path | None:
         """The run's result (main process only; output.py): the LoRA file, or a fine-tune's folder."""
