@@ -223,3 +223,12 @@ def test_datasets_command(zhome, tmp_path, capsys):
     assert main(["datasets", "check", "cli"]) == 1
     assert "fix: Delete it and upload a working copy." in capsys.readouterr().out
     assert main(["datasets", "stats", "cli"]) == 0 and "512x512: 2" in capsys.readouterr().out
+
+
+def test_names_are_checked_as_the_whole_string():
+    from zimage.data.folders import BadName, check_slug
+
+    assert check_slug("good-name_1") == "good-name_1"
+    for bad in ("name\n", "name\nother", "name ", "Name"):
+        with pytest.raises(BadName):
+            check_slug(bad)

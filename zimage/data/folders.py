@@ -33,7 +33,7 @@ def check_slug(name: str, what: str = "name") -> str:
         raise BadName(f"{what}: must not be empty")
     if "/" in name or "\\" in name or ".." in name or os.path.isabs(name):
         raise BadName(f"{what}: {name!r} must not contain slashes or '..'")
-    if not _SLUG.match(name):
+    if not _SLUG.fullmatch(name):
         raise BadName(
             f"{what}: {name!r} must be 1-64 characters of lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit"
