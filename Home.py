@@ -9,6 +9,7 @@ from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
 from zimage.system import disk_usage, gpus
 from zimage.views import home, keep_user_name, open_registry, shown_errors
+from zimage.views.format import damaged_lines
 
 st.set_page_config(page_title="Z-Image LoRA Studio", page_icon="🎨", layout="wide")
 keep_user_name(st.session_state)
@@ -39,6 +40,8 @@ def live() -> None:
             st.caption("Nothing queued or running.")
         else:
             st.dataframe(home.queue_rows(waiting), hide_index=True, key="home_queue")
+        for line in damaged_lines(registry.damaged_runs(reg, limit=10)):
+            st.warning(line)
         active = registry.list_runs(reg, state=list(ACTIVE_STATES), limit=20)
         if not active.empty:
             st.subheader("Active runs")

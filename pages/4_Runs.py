@@ -7,6 +7,7 @@ from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.views import keep_user_name, open_registry, page_link, shown_errors
 from zimage.views import runs as rv
+from zimage.views.format import damaged_lines
 
 st.set_page_config(page_title="Runs", page_icon="📈", layout="wide")
 keep_user_name(st.session_state)
@@ -27,6 +28,8 @@ def pick_run(reg) -> tuple[str, dict | None]:
         "Kind", choices["kind"], default=[k for k in ("train",) if k in choices["kind"]], key="runs_kind"
     )
     text = f5.text_input("Search", key="runs_search", placeholder="name, run id, user, dataset…")
+    for line in damaged_lines(registry.damaged_runs(reg)):  # whatever the filters: a damaged run never hides
+        st.warning(line)
     runs = registry.list_runs(reg, state=states, user=users, dataset=datasets, kind=kinds, text=text, limit=1000)
     st.dataframe(
         rv.runs_table(runs), hide_index=True, key="runs_table", height=min(400, 38 + 35 * max(1, len(runs))),
@@ -71,8 +74,10 @@ def show_run() -> None:
     st.progress(frac, text=line)
     if warning := rv.silence_warning(d):
         st.warning(warning)
+    if d.get("problem"):
+        st.error(f"Damaged: {d['problem']}")
     if d.get("error"):
-        st.error(str(d["error"]).strip().splitlines()[-1])
+        st.error((str(d["error"]).strip().splitlines() or [""])[-1])
     allowed = rv.action_states(d["state"])
     cols = st.columns(len(allowed) + 1)
     for col, (action, label) in zip(cols, rv.ACTIONS.items(), strict=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -184,3 +185,74 @@ def test_without_a_run_folder_everything_stays_in_memory():
     job.stop_heartbeat()
     assert job.lines == ["a line"] and job.metrics == [{"step": 1, "loss": 0.5}] and job.run is None
     assert not job.poll_control().stop
+
+
+def test_a_failure_with_values_json_cannot_hold_still_ends_failed_with_its_reason(tmp_path):
+    """The final write of `failed` carries the newest live fields; a NaN loss or an object there must not
+    make that write fail (or leave a file other readers refuse)."""
+    from zimage.records import parse_json
+
+    run = RunFolder(tmp_path / "run")
+
+    def work(job: Job):
+        job.status(state="running", step=0)
+        job.progress(step=2, loss=float("nan"), eta=float("inf"), where=Path("/data/x"), seen={1})
+        raise RuntimeError("diverged")
+
+    assert run_job(run.path, "demo", work) == 1
+    status = parse_json(run.status_path.read_text())  # a strict reader: NaN / Infinity are refused
+    assert (status["state"], status["error"], status["step"]) == ("failed", "RuntimeError: diverged", 2)
+    assert (status["loss"], status["eta"], status["where"]) == (None, None, "/data/x")
+
+
+def test_a_phase_change_puts_the_pending_metrics_on_disk_first(tmp_path):
+    """The trainer logs 'saving checkpoint' before it writes a checkpoint: every metrics line of the steps
+    that checkpoint holds must be in metrics.jsonl by then, not half a second later (a kill in between and
+    a resume from the checkpoint would lose them for good)."""
+    run = RunFolder(tmp_path / "run")
+    job = Job(run)
+    job.status(state="running", step=0)
+    job.start_heartbeat(interval=60)  # the background writer runs, as in a real worker
+    try:
+        for step in (1, 2, 3):
+            job.add_metrics({"step": step, "loss": 1.0})
+        job.status(phase="saving checkpoint")
+        on_disk = [json.loads(line)["step"] for line in run.metrics_path.read_text().splitlines()]
+        assert on_disk == [1, 2, 3]
+        job.add_metrics({"step": 4, "loss": 1.0})
+        job.flush_metrics()  # the call point the checkpoint code uses
+        assert run.metrics_path.read_text().count("\n") == 4
+    finally:
+        job.stop_heartbeat()
+
+
+def test_malformed_control_values_never_fail_a_running_job(tmp_path):
+    """A running job polls control.json every step; damage there is skipped with a line in log.txt, and a
+    good stop request written after it still stops the job."""
+    run = RunFolder(tmp_path / "run")
+    damage = [
+        b'{"requests": [{"id": "a", "action": "stop", "at": "noon"}]}',
+        b'{"requests": [{"id": "b", "action": "stop", "at": 1e999999}]}',
+        b'{"requests": [null, {"id": ["c"], "action": "stop"}]}',
+        b"[" * 50_000,  # nested deeper than Python's parser goes
+        b'{"requests": 7}',
+    ]
+
+    def work(job: Job) -> dict:
+        job.status(state="running", step=0)
+        for step, content in enumerate(damage, 1):
+            run.control_path.write_bytes(content)
+            for _ in range(3):
+                assert not job.poll_control().stop
+            job.progress(step=step)
+        run.send_control("stop")
+        assert job.poll_control().stop
+        return {"state": "stopped", "step": len(damage)}
+
+    assert run_job(run.path, "demo", work) == 0
+    status = run.read_status()
+    assert (status["state"], status["step"]) == ("stopped", len(damage))
+    ignored = [ln for ln in run.log_path.read_text().splitlines() if ln.endswith("; ignored")]
+    assert len(ignored) == 6, ignored  # one per bad request or damaged file, not one per poll
+    assert any("request 1: at must be a number, got 'noon'" in ln for ln in ignored)
+    assert any("control.json: not valid JSON" in ln for ln in ignored)

@@ -195,14 +195,17 @@ def test_migrations_bring_an_old_database_up_and_refuse_a_newer_one(zhome):
     reg = Registry(zhome.db_path)
     reg.close()
     con = duckdb.connect(str(zhome.db_path))
-    con.execute("DROP VIEW jobs")  # what versions 2 and 3 added
+    con.execute("DROP VIEW jobs")  # what versions 2, 3 and 4 added
     con.execute("ALTER TABLE datasets DROP COLUMN problem")
+    con.execute("ALTER TABLE runs DROP COLUMN problem")
+    con.execute("ALTER TABLE checkpoints DROP COLUMN problem")
     con.execute("UPDATE schema_meta SET value = '1'")
     con.close()
     reg = Registry(zhome.db_path)
-    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "3"
+    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "4"
     assert reg.fetch("SELECT count(*) FROM jobs") == [(0,)]
     assert reg.fetch("SELECT count(problem) FROM datasets") == [(0,)]
+    assert reg.fetch("SELECT count(problem) FROM runs") == reg.fetch("SELECT count(problem) FROM checkpoints") == [(0,)]
     reg.close()
     con = duckdb.connect(str(zhome.db_path))
     con.execute("UPDATE schema_meta SET value = '99'")
@@ -300,3 +303,71 @@ def test_superseded_rows_within_one_chunk():
     assert drop_superseded(table).to_pydict() == {"line": [0, 4, 5, 7], "step": [1, 2, 3, 5]}
     ordered = pa.table({"line": [0, 1, 2], "step": [1, 2, 10]})
     assert drop_superseded(ordered) is ordered  # the common case is returned untouched
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem", "kind"),
+    [
+        ('{"state": "running", "pid": "abc", "kind": "train", "user": "ann"}',
+         "status.json: pid must be a whole number, got 'abc'", "train"),  # the sound fields are kept
+        ('["queued"]', "status.json: must hold a JSON object, found list", None),
+        ("folder", "status.json: is a folder, not a file", None),
+        ('{"state": "running", "heartbeat": NaN}', "status.json: not valid JSON", None),
+    ],
+)  # fmt: skip
+def test_a_damaged_status_gives_a_damaged_row_and_leaves_the_others_alone(zhome, reg, damage, problem, kind):
+    make_run(zhome, "run-good", steps=2)
+    bad = make_run(zhome, "run-bad", steps=2)
+    ing = Ingester(reg, zhome)
+    ing.scan()
+    bad.status_path.unlink()
+    if damage == "folder":
+        bad.status_path.mkdir()
+    else:
+        bad.status_path.write_text(damage)
+    ing.scan()
+    rows = {r[0]: r[1:] for r in reg.fetch("SELECT run_id, state, problem, kind, metrics_rows FROM runs")}
+    assert rows["run-good"] == ("completed", None, "train", 2)
+    state, got, got_kind, metrics = rows["run-bad"]
+    assert (state, got_kind, metrics) == ("damaged", kind, 2) and got.startswith(problem), got
+    counts = rebuild(zhome)  # a rebuild indexes it the same way
+    assert counts["runs"] == 2
+
+
+def test_a_damaged_config_or_progress_is_named_and_the_run_keeps_its_state(zhome, reg):
+    rf = make_run(zhome, "run-c", state="running", steps=1)
+    rf.config_path.write_text('{"dataset_path": "pets",')
+    for name, progress in (("step-000001", '{"step": 1, "complete": true}'), ("step-000002", '{"step": "two"}'),
+                           ("step-000003", None), ("step-000004", '{"step": 4}')):  # fmt: skip
+        folder = rf.checkpoints_dir / name
+        folder.mkdir(parents=True)
+        if progress is not None:
+            (folder / "progress.json").write_text(progress)
+    Ingester(reg, zhome).ingest_run("run-c")
+    state, problem = reg.fetch("SELECT state, problem FROM runs")[0]
+    assert state == "running" and problem.startswith("config.json: not valid JSON")
+    assert reg.fetch("SELECT name, problem FROM checkpoints ORDER BY name") == [
+        ("step-000001", None),
+        ("step-000002", "progress.json: step must be a whole number, got 'two'"),
+        ("step-000003", "progress.json: missing"),
+        ("step-000004", "progress.json: not marked complete"),
+    ]
+
+
+def test_sample_lines_follow_their_schema():
+    from zimage.registry.jsonl import parse_samples
+
+    data = (
+        b'{"step": 1, "path": "samples/a.png", "prompt": "a cat", "seed": 3, "index": 0}\n'
+        b'{"step": 2, "path": "samples/b.png"}\n'
+        b'{"step": 3, "path": 7}\n'  # a path must be text
+        b'{"step": 4, "path": "samples/c.png", "seed": 99999999999999999999}\n'  # no BIGINT holds it
+        b'{"step": 5, "path": "samples/d.png", "prompt": ["x"]}\n'
+        b'{"step": 6, "path": "samp'
+    )
+    chunk = parse_samples(data[: data.rfind(b"\n") + 1], 0)
+    assert [(r["step"], r["seed"], r["prompt"], r["extra"]) for r in chunk.rows] == [
+        (1, 3, "a cat", '{"index": 0}'),
+        (2, None, None, None),
+    ]
+    assert (chunk.lines, chunk.malformed) == (5, 3)

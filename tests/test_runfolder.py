@@ -119,3 +119,86 @@ def test_pending_metrics_go_out_together_and_a_failed_write_loses_none(tmp_path)
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     run.append_metrics()  # nothing to write: no empty line either
     assert run.metrics_path.read_text().count("\n") == 3
+
+
+def test_malformed_control_requests_are_skipped_with_one_log_line_each(tmp_path):
+    """A bad value in control.json (text, a list, null, a huge number, an unknown action) acts on nothing
+    and is said once in log.txt however often the worker polls; the well-formed requests beside it act."""
+    app, worker = RunFolder(tmp_path / "r"), RunFolder(tmp_path / "r")
+    app.update_status(state="running")
+    bad = [
+        {"id": "a", "action": "stop", "at": "soon"},
+        {"id": "b", "action": ["stop"]},
+        {"id": None, "action": "stop"},
+        {"id": "c", "action": "stop", "at": 1e999},  # json.loads reads it as infinity
+        {"id": "d", "action": "explode"},
+        None,
+    ]
+    good = {"id": "e", "action": "pause", "at": 1.0}
+    text = json.dumps({"requests": [*bad, good]}).replace("Infinity", "1e999")
+    app.control_path.write_text(text)
+    assert worker.poll_control() == ControlRequests(pause=True)
+    assert app.read_control() == [good]
+    log = app.log_path.read_text()
+    for number in range(1, 7):
+        assert log.count(f"control.json: request {number}: ") == 1, log
+    assert "request 1: at must be a number, got 'soon'; ignored" in log
+    assert "request 4: at must be a finite number" in log and "request 5: action input should be" in log
+    app.control_path.write_text(text.replace('"e"', '"f"'))  # rewritten: the same bad entries are not said again
+    assert worker.poll_control() == ControlRequests(pause=True)
+    assert app.log_path.read_text().count("control.json: request 1: ") == 1
+    assert worker.handled_control() == ["e", "f"]
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"[" * 100_000, ["control.json: not valid JSON (nested too deeply)"]),
+        (b'{"requests": {"id": "a"}}', ["control.json: requests must be a list"]),
+        (b'["stop"]', ["control.json: must hold a JSON object, found list"]),
+        (b'{"requests": [1, "stop"]}', ["request 1: must hold a JSON object", "request 2: must hold a JSON object"]),
+        (b"\xff\xfe", ["control.json: not UTF-8 text"]),
+        (b"1e999", ["control.json: must hold a JSON object, found float"]),  # one number, read as infinity
+    ],
+)
+def test_a_damaged_control_file_never_raises_in_the_worker(tmp_path, content, said):
+    run = RunFolder(tmp_path / "r")
+    run.update_status(state="running")
+    run.control_path.write_bytes(content)
+    for _ in range(3):
+        assert run.poll_control() == ControlRequests()
+    lines = [ln for ln in run.log_path.read_text().splitlines() if "control.json" in ln]
+    assert len(lines) == len(said) and all(ln.endswith("; ignored") for ln in lines), lines  # once, not per poll
+    for line, words in zip(lines, said, strict=True):
+        assert words in line
+
+
+def test_status_is_written_as_plain_json_whatever_the_values(tmp_path):
+    from pathlib import Path
+
+    from zimage.records import parse_json
+
+    rf = RunFolder(tmp_path / "r")
+    rf.update_status(state="running", loss=float("nan"), eta=float("inf"), where=Path("/x"), seen={3}, step=2)
+    status = parse_json(rf.status_path.read_text())  # refuses NaN / Infinity
+    assert (status["loss"], status["eta"], status["step"]) == (None, None, 2)
+    assert (status["where"], status["seen"]) == ("/x", [3])
+    assert rf.read_status()["state"] == "running"
+
+
+def test_a_damaged_status_is_named_for_the_app_and_rewritten_by_the_worker(tmp_path):
+    from zimage.records import Damaged
+    from zimage.runfolder import DamagedRun
+
+    rf = RunFolder(tmp_path / "r")
+    rf.path.mkdir()
+    rf.status_path.write_text('{"state": "running", "pid": "abc", "kind": "train"}')
+    problem = rf.status_or_problem()
+    assert isinstance(problem, Damaged)
+    assert problem.problem == "run r: status.json: pid must be a whole number, got 'abc'"
+    assert rf.read_status() == {} and not rf.worker_alive()
+    with pytest.raises(DamagedRun, match="pid must be a whole number"):
+        rf.checked_status()
+    rf.update_status(state="running", step=3)  # the worker owns its status.json: it writes what it knows
+    assert rf.read_status()["step"] == 3
+    assert "status.json: pid must be a whole number, got 'abc'; rewritten" in rf.log_path.read_text()

@@ -129,6 +129,9 @@ class Job:
             self.flush_metrics()
 
     def flush_metrics(self) -> None:
+        """Write every pending metrics line now (one append). The checkpoint code calls it before a
+        checkpoint is written, so the metrics of the steps a checkpoint holds are on disk before it is:
+        a kill after the checkpoint and a resume from it lose no step. status() calls it too."""
         if self.run is None:
             return
         with self._write_lock:
@@ -142,9 +145,13 @@ class Job:
                 raise
 
     def status(self, **fields: Any) -> dict[str, Any]:
-        """Write `fields` into status.json now (state changes, progress, final results)."""
+        """Write `fields` into status.json now (state and phase changes, final results).
+
+        The pending metrics lines go first: a reader seeing the new status finds every metrics line logged
+        before it, and a phase change such as "saving checkpoint" puts the lines of the steps that
+        checkpoint holds on disk before it is written."""
+        self.flush_metrics()
         if "state" in fields:
-            self.flush_metrics()  # a reader seeing the new state finds every metrics line before it
             self._state = fields["state"]
         with self._lock:
             self._live.update({k: v for k, v in fields.items() if k in LIVE_FIELDS or k in self._live})
@@ -240,8 +247,14 @@ class Job:
             pass
         try:
             self.run.update_status(**fields)
-        except BaseException as second:  # nothing more can be done on disk; say so where someone looks
-            print(f"failed: {message}; could not record it in {self.run.status_path}: {second}", file=sys.stderr)
+        except BaseException:
+            # The live fields may be what failed (update_status makes values JSON-safe, but a key or a merge
+            # can still go wrong): the state and the reason alone are what must land.
+            essential = {k: fields[k] for k in ("state", "ended", "error", "traceback")}
+            try:
+                self.run.update_status(**essential)
+            except BaseException as second:  # nothing more can be done on disk; say so where someone looks
+                print(f"failed: {message}; could not record it in {self.run.status_path}: {second}", file=sys.stderr)
         return 1
 
     def _run_at_end(self) -> None:

@@ -16,11 +16,17 @@ touches the database.
 No control request is lost and none runs twice: only the app/CLI writes control.json, appending one
 request with a fresh id under a file lock (.control.lock, beside it); the worker never writes it, and records the ids it has acted
 on in status.json (`control_done`), so a resumed run never repeats what its predecessor did.
+
+Every file is read back through zimage.run_records (one schema per file kind): a damaged status.json is
+`status_or_problem()` -> Damaged for the app side, a malformed control request is skipped with one line in
+log.txt, and status.json is written with non-finite numbers as null, so the final state always lands.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import secrets
 import socket
@@ -32,17 +38,55 @@ from typing import Any
 
 from filelock import FileLock
 
+from zimage.errors import UserError
 from zimage.fsio import read_json, write_json
+from zimage.records import Damaged
+from zimage.run_records import (
+    ACTIVE_STATES,
+    CONTROL_ACTIONS,
+    DAMAGED,
+    FINAL_STATES,
+    METRIC_FIELDS,
+    STATES,
+    StatusRecord,
+    status_fields,
+)
+from zimage.run_records import read_config as _read_config
+from zimage.run_records import read_control as _read_control
+from zimage.run_records import read_status as _read_status
 
-__all__ = ["ControlRequests", "RunFolder", "process_start_time", "read_json", "silence"]
+__all__ = [
+    "ACTIVE_STATES", "CONTROL_ACTIONS", "DAMAGED", "FINAL_STATES", "METRIC_FIELDS", "STATES", "ControlRequests",
+    "DamagedRun", "RunFolder", "json_safe", "process_start_time", "read_json", "silence",
+]  # fmt: skip
 
-STATES = ("queued", "starting", "running", "paused", "stopping", "completed", "stopped", "failed", "lost")
-FINAL_STATES = ("completed", "stopped", "failed", "lost")
-ACTIVE_STATES = ("starting", "running", "paused", "stopping")
-CONTROL_ACTIONS = ("stop", "pause", "resume", "save_now", "sample_now")
-METRIC_FIELDS = (
-    "step", "loss", "lr", "grad_norm", "step_time", "samples_per_s", "mem_allocated", "mem_peak", "elapsed", "eta",
-)  # fmt: skip
+
+class DamagedRun(UserError):
+    """A run-folder file that cannot be read; the message names the run, the file and the field."""
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as plain JSON: NaN / infinity become null, numpy and torch scalars plain numbers, paths text,
+    anything else its text. The status path uses it so that no value can make the write of a state fail."""
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if callable(getattr(value, "item", None)):  # a torch / numpy 0-d value
+        try:
+            return json_safe(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
 
 
 def process_start_time(pid: int) -> float | None:
@@ -54,7 +98,7 @@ def process_start_time(pid: int) -> float | None:
 
     try:
         return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
         return None
 
 
@@ -98,6 +142,7 @@ class RunFolder:
         self._done: list[str] | None = None  # ids acted on (status.json control_done), loaded on first need
         self._stop_wanted = False
         self._pause_wanted = False
+        self._reported: set[str] = set()  # control.json problems already written to log.txt
         self._status_lock = threading.Lock()  # a heartbeat thread and the worker both update status.json
 
     # -- paths ------------------------------------------------------------------------------------
@@ -119,22 +164,47 @@ class RunFolder:
         write_json(self.config_path, config)
 
     def read_config(self) -> dict:
-        return read_json(self.config_path, {})
+        """config.json as a dict ({} when there is none); a damaged one raises DamagedRun naming the problem."""
+        rec = _read_config(self.config_path)
+        if isinstance(rec, Damaged):
+            raise DamagedRun(f"run {self.run_id}: {rec.problem} ({self.config_path})")
+        return rec.model_dump() if rec is not None else {}
 
     # -- status -----------------------------------------------------------------------------------
+    def status_or_problem(self) -> StatusRecord | Damaged:
+        """status.json as a StatusRecord (an empty one when there is none yet), or why it cannot be read."""
+        rec = _read_status(self.status_path, missing=StatusRecord())
+        return Damaged(rec.path, f"run {self.run_id}: {rec.problem}", rec.data) if isinstance(rec, Damaged) else rec
+
     def read_status(self) -> dict:
-        status = read_json(self.status_path, {})
-        return status if isinstance(status, dict) else {}
+        """status.json as a dict of typed values; {} when it is missing or damaged (see status_or_problem)."""
+        rec = self.status_or_problem()
+        return {} if isinstance(rec, Damaged) else status_fields(rec)
+
+    def checked_status(self) -> dict:
+        """status.json as a dict; a damaged one raises DamagedRun (for actions a person asked for)."""
+        rec = self.status_or_problem()
+        if isinstance(rec, Damaged):
+            raise DamagedRun(f"{rec.problem}; fix or delete {self.status_path}")
+        return status_fields(rec)
 
     def update_status(self, **fields: Any) -> dict:
-        """Merge `fields` into status.json and write it atomically; always stamps `heartbeat`."""
+        """Merge `fields` into status.json and write it atomically; always stamps `heartbeat`.
+
+        Values go through json_safe: a NaN loss or a numpy number is written as JSON can hold it, so the
+        write never fails on a value (the final `failed` of a run depends on that). A damaged status.json
+        is replaced by what this writer knows, with a line in log.txt."""
         if "state" in fields and fields["state"] not in STATES:
             raise ValueError(f"unknown state {fields['state']!r}")
+        fields = json_safe(fields)
         with self._status_lock:
-            status = self.read_status()
+            rec = self.status_or_problem()
+            status = {} if isinstance(rec, Damaged) else status_fields(rec)
             status.update(fields)
             status["heartbeat"] = time.time()
             write_json(self.status_path, status)
+        if isinstance(rec, Damaged):
+            self._log_quietly(f"{rec.problem}; rewritten from what this process knows")
         return status
 
     def mark_worker_started(self, kind: str, total_steps: int | None = None) -> dict:
@@ -157,24 +227,18 @@ class RunFolder:
 
     def worker_alive(self) -> bool:
         """True if the PID in status.json is running and is the same process (start time matches)."""
-        status = self.read_status()
-        pid, started = status.get("pid"), status.get("pid_start_time")
-        if not pid:
+        status = self.status_or_problem()
+        if isinstance(status, Damaged) or not status.pid:
             return False
-        now = process_start_time(int(pid))
+        now = process_start_time(status.pid)
         if now is None:
             return False
-        return started is None or abs(now - float(started)) < 1.0
+        return status.pid_start_time is None or abs(now - status.pid_start_time) < 1.0
 
     # -- control: the app side ----------------------------------------------------------------------
     def read_control(self) -> list[dict]:
-        """The requests in control.json, oldest first. A missing or damaged file (or entry) has none."""
-        data = read_json(self.control_path, None)
-        requests = data.get("requests") if isinstance(data, dict) else None
-        if not isinstance(requests, list):
-            return []
-        return [r for r in requests
-                if isinstance(r, dict) and isinstance(r.get("id"), str) and r.get("action") in CONTROL_ACTIONS]  # fmt: skip
+        """The well-formed requests in control.json, oldest first. A missing or damaged file (or entry) has none."""
+        return [r.model_dump(exclude_unset=True) for r in _read_control(self.control_path).requests]
 
     def send_control(self, action: str, user: str | None = None) -> dict:
         """App / CLI side: append one request with a fresh id to control.json; returns the request.
@@ -205,8 +269,8 @@ class RunFolder:
 
     def handled_control(self) -> list[str]:
         """Ids of the requests this run's workers have acted on (status.json `control_done`)."""
-        done = self.read_status().get("control_done")
-        return [str(i) for i in done] if isinstance(done, list) else []
+        rec = self.status_or_problem()
+        return [] if isinstance(rec, Damaged) else list(rec.control_done)
 
     # -- control: the worker side -------------------------------------------------------------------
     def poll_control(self) -> ControlRequests:
@@ -223,16 +287,21 @@ class RunFolder:
             if self._done is None:
                 self._done = self.handled_control()
             seen = set(self._done)
-            new = [r for r in self.read_control() if r["id"] not in seen]
+            found = _read_control(self.control_path)
+            for key, problem in found.problems:  # said once per bad request (or damaged file), not per poll
+                if key not in self._reported:
+                    self._reported.add(key)
+                    self._log_quietly(f"{problem}; ignored")
+            new = [r for r in found.requests if r.id not in seen]
             for request in new:  # oldest first: the newest pause / resume decides the wanted state
-                action = request["action"]
+                action = request.action
                 self._stop_wanted |= action == "stop"
                 if action in ("pause", "resume"):
                     self._pause_wanted = action == "pause"
                 save |= action == "save_now"
                 sample |= action == "sample_now"
             if new:
-                self._done += [r["id"] for r in new]
+                self._done += [r.id for r in new]
                 try:
                     self.update_status(control_done=list(self._done))
                 except OSError:  # a full disk: this process still acts once (the ids are in memory)
@@ -259,3 +328,9 @@ class RunFolder:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(f"[{stamp}] {message}\n")
             fh.flush()
+
+    def _log_quietly(self, message: str) -> None:
+        try:
+            self.log(message)
+        except OSError:  # a full disk must not turn a skipped request into a failed run
+            pass

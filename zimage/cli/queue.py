@@ -82,11 +82,12 @@ def _age(t) -> str:
 
 def run_show(args) -> int:
     from zimage.jobs.owner import OwnerLock, describe_owner
-    from zimage.jobs.runinfo import queue_view
+    from zimage.jobs.runinfo import damaged_runs, queue_view
     from zimage.settings import get_settings
 
     settings = get_settings()
     queued, active = queue_view(settings)
+    damaged = [r for r in damaged_runs(settings) if r["state"] in ("damaged", "queued")]  # what may not start
     owner = OwnerLock(settings).owner()
     hint = "" if owner else " (queued jobs wait: start the app or `zimage worker`)"
     print(f"scheduler: {describe_owner(owner)}{hint}")
@@ -101,4 +102,6 @@ def run_show(args) -> int:
               f"{'queued':<10} {st.get('gpus') or 1:<6} {_age(st.get('created'))}")  # fmt: skip
     if not queued and not active:
         print("(the queue is empty and nothing is running)")
+    for run in damaged:
+        print(f"damaged  {run['run_id']}: {run['problem']}")
     return 0

@@ -65,6 +65,9 @@ def run_list(args) -> int:
         step = f"{r['step'] or 0}/{r['total_steps'] or '?'}"
         print(f"{r['run_id']:<44} {r['kind'] or '?':<9} {r['state'] or '?':<10} {r['user'] or '?':<12} "
               f"{r['dataset'] or '-':<16} {step:<12} {_fmt(r['last_loss'], '.4f')}")  # fmt: skip
+    for r in runs:  # after the table, so its columns stay aligned
+        if r["problem"]:
+            print(f"damaged  {r['run_id']}: {r['problem']}")
     if not runs:
         print("(no runs)")
     return 0
@@ -83,6 +86,8 @@ def run_show(args) -> int:
     print(f"run      {info['run_id']}  ({info['kind']}, by {info['user'] or '?'})")
     print(f"folder   {info['run_dir']}")
     print(f"state    {info['state']}  step {info['step'] or 0}/{info['total_steps'] or '?'}")
+    if info["problem"]:
+        print(f"damaged  {info['problem']}")
     if st.get("gpu_ids") is not None:
         print(f"gpus     {st.get('gpu_ids') or 'cpu'}  pid {st.get('pid') or '-'}  host {st.get('host') or '-'}")
     quiet = silence(info["state"], st.get("heartbeat"))

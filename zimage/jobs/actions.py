@@ -14,6 +14,7 @@ import time
 
 from zimage.jobs import queue as _queue
 from zimage.jobs.queue import JobError, move, queue_lock, requeue, run_folder
+from zimage.records import Damaged
 from zimage.runfolder import ACTIVE_STATES, CONTROL_ACTIONS
 from zimage.settings import Settings
 
@@ -33,7 +34,7 @@ def control(settings: Settings, run_id: str, action: str, user: str | None = Non
     if action not in CONTROL_ACTIONS:
         raise JobError(f"action: {action!r} is not one of {', '.join(CONTROL_ACTIONS)}")
     folder = run_folder(settings, run_id)
-    state = folder.read_status().get("state")
+    state = folder.checked_status().get("state")  # a damaged status.json: the error names the file and field
     if state == "queued" and action == "stop":
         _queue.cancel(settings, run_id)
         done = "cancelled"
@@ -76,12 +77,14 @@ def move_down(settings: Settings, run_id: str) -> int:
 def delete_run(settings: Settings, run_id: str) -> None:
     """Delete a finished or queued run's folder (samples, checkpoints, logs); exported LoRAs stay.
 
-    A started run must be stopped first. The folder is renamed to a hidden name in one step and then
-    removed, so no reader ever sees half a run.
+    A started run must be stopped first. A run whose status.json is damaged can be deleted: its state is
+    unknown, and deleting it is the way out besides mending the file by hand. The folder is renamed to a
+    hidden name in one step and then removed, so no reader ever sees half a run.
     """
     folder = run_folder(settings, run_id)
     with queue_lock(settings):
-        state = folder.read_status().get("state")
+        rec = folder.status_or_problem()
+        state = None if isinstance(rec, Damaged) else rec.state
         if state in ACTIVE_STATES:
             raise JobError(f"run {run_id}: is {state}; stop it before deleting")
         trash = settings.runs_dir / f".deleted-{run_id}-{int(time.time() * 1000)}"

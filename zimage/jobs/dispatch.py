@@ -5,7 +5,10 @@ jobs from the run folders (the truth) and the ingester's index of them:
 - `mark_lost`: every active run on this host whose worker process is gone (PID + start time) without
   writing a final state becomes `lost`, keeping its last step and heartbeat;
 - `start_queued`: queued jobs start in FIFO order while GPU slots are free (strict order: a job needing
-  two GPUs is not overtaken); a job that can never run here fails with the reason.
+  two GPUs is not overtaken); a job that can never run here (unknown kind, too many GPUs, a damaged
+  config.json) fails with the reason.
+A run whose status.json is damaged is neither marked nor started (the registry lists it as `damaged`), and
+whatever goes wrong with one run is logged and skipped: the others are still reconciled and started.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import time
 from zimage.jobs import queue
 from zimage.jobs.launcher import launch, process_alive, worker_identity
 from zimage.jobs.slots import SlotConfig, assign
+from zimage.records import Damaged
 from zimage.registry.ingest import Ingester
+from zimage.run_records import read_config
 from zimage.runfolder import ACTIVE_STATES, RunFolder
 from zimage.settings import Settings
 
@@ -43,28 +48,34 @@ def mark_lost(settings: Settings, ingester: Ingester, host: str) -> None:
     for run_id, row in list(ingester.runs.items()):
         if row.get("state") not in ACTIVE_STATES or (row.get("host") and row["host"] != host):
             continue
-        folder = RunFolder(settings.runs_dir / run_id)
-        status = folder.read_status()
-        if status.get("state") not in ACTIVE_STATES:
-            ingester.ingest_run(run_id)
-            continue
-        pid, started = worker_identity(folder.path, status)
-        if pid is None:
-            since = float(status.get("launched") or status.get("heartbeat") or 0)
-            if now - since < LOST_GRACE_S:
-                continue
-        elif process_alive(pid, started):
-            continue
-        status = folder.read_status()  # it may have written its final state as it exited
-        if status.get("state") in ACTIVE_STATES:
-            step = status.get("step")
-            msg = f"worker process {pid or '(never started)'} ended without a final state (last step {step})"
-            folder.update_status(
-                state="lost", ended=now, last_heartbeat=status.get("heartbeat"), error=msg, lost_at=now
-            )
-            folder.log(f"scheduler: marked lost: {msg}")
-            log.warning("run %s: %s", run_id, msg)
-        ingester.ingest_run(run_id)
+        try:
+            _mark_if_lost(settings, ingester, run_id, now)
+        except Exception:  # one run's trouble must not keep the others from being reconciled
+            log.exception("run %s: could not check its worker; will retry", run_id)
+
+
+def _mark_if_lost(settings: Settings, ingester: Ingester, run_id: str, now: float) -> None:
+    folder = RunFolder(settings.runs_dir / run_id)
+    rec = folder.status_or_problem()
+    if isinstance(rec, Damaged) or rec.state not in ACTIVE_STATES:
+        ingester.ingest_run(run_id)  # finished meanwhile, or damaged: the index says so, nothing to mark
+        return
+    status = folder.read_status()
+    pid, started = worker_identity(folder.path, status)
+    if pid is None:
+        since = status.get("launched") or status.get("heartbeat") or 0.0
+        if now - since < LOST_GRACE_S:
+            return
+    elif process_alive(pid, started):
+        return
+    status = folder.read_status()  # it may have written its final state as it exited
+    if status.get("state") in ACTIVE_STATES:
+        step = status.get("step")
+        msg = f"worker process {pid or '(never started)'} ended without a final state (last step {step})"
+        folder.update_status(state="lost", ended=now, last_heartbeat=status.get("heartbeat"), error=msg, lost_at=now)
+        folder.log(f"scheduler: marked lost: {msg}")
+        log.warning("run %s: %s", run_id, msg)
+    ingester.ingest_run(run_id)
 
 
 def start_queued(settings: Settings, ingester: Ingester, slots: SlotConfig, host: str) -> None:
@@ -76,31 +87,53 @@ def start_queued(settings: Settings, ingester: Ingester, slots: SlotConfig, host
         if r.get("state") in ACTIVE_STATES and (not r.get("host") or r.get("host") == host)
     ]
     while len(busy) < slots.capacity:
-        with queue.queue_lock(settings):
-            line = queue.queued_runs(settings)  # the truth, not the index: the CLI may have moved jobs
-            if not line:
-                return
-            run_id, status = line[0]
-            need = int(status.get("gpus") or 1)
-            kind = status.get("kind")
-            folder = RunFolder(settings.runs_dir / run_id)
-            if kind not in queue.KINDS:
-                folder.update_status(state="failed", error=f"kind {kind!r} is not a job kind", ended=time.time())
-            elif slots.gpu_ids and need > len(slots.gpu_ids):
-                folder.update_status(
-                    state="failed",
-                    ended=time.time(),
-                    error=f"needs {need} GPUs; this host offers {len(slots.gpu_ids)} ({slots.describe()})",
-                )
-            else:
-                gpus = assign(slots, busy, need)
-                if gpus is None:
-                    return
-                busy.append(",".join(gpus))
-                try:
-                    _children[run_id] = launch(settings, run_id, kind, gpus)
-                    log.info("started %s (%s) on %s", run_id, kind, ",".join(gpus) or "CPU")
-                except OSError:
-                    log.exception("could not start %s", run_id)
-                    busy.pop()
-        ingester.ingest_run(run_id)
+        try:
+            run_id = _start_head(settings, slots, busy)
+        except Exception:  # a disk error, say: the next tick tries again; nothing else of this tick is lost
+            log.exception("could not start the next queued job; will retry")
+            return
+        if run_id is None:
+            return
+        try:
+            ingester.ingest_run(run_id)
+        except Exception:
+            log.exception("ingest of run %s failed; will retry", run_id)
+
+
+def _start_head(settings: Settings, slots: SlotConfig, busy: list[str]) -> str | None:
+    """Start (or fail, with the reason) the job at the head of the line; its run id, or None when nothing
+    more can start now."""
+    with queue.queue_lock(settings):
+        line = queue.queued_runs(settings)  # the truth, not the index: the CLI may have moved jobs
+        if not line:
+            return None
+        run_id, status = line[0]
+        need = status.get("gpus") or 1
+        kind = status.get("kind")
+        folder = RunFolder(settings.runs_dir / run_id)
+        config = read_config(folder.config_path)
+        if kind not in queue.KINDS:
+            folder.update_status(state="failed", error=f"kind {kind!r} is not a job kind", ended=time.time())
+        elif isinstance(config, Damaged) or config is None:
+            # The worker would stop at its first read of it; say why now, without taking a slot.
+            problem = config.problem if config is not None else "config.json: missing"
+            folder.update_status(state="failed", error=f"{problem}; the job cannot start", ended=time.time())
+            folder.log(f"scheduler: not started: {problem}")
+        elif slots.gpu_ids and need > len(slots.gpu_ids):
+            folder.update_status(
+                state="failed",
+                ended=time.time(),
+                error=f"needs {need} GPUs; this host offers {len(slots.gpu_ids)} ({slots.describe()})",
+            )
+        else:
+            gpus = assign(slots, busy, need)
+            if gpus is None:
+                return None
+            busy.append(",".join(gpus))
+            try:
+                _children[run_id] = launch(settings, run_id, kind, gpus)
+                log.info("started %s (%s) on %s", run_id, kind, ",".join(gpus) or "CPU")
+            except OSError:
+                log.exception("could not start %s", run_id)
+                busy.pop()
+    return run_id

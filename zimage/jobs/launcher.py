@@ -21,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from zimage.fsio import read_json, write_json
+from zimage.fsio import write_json
+from zimage.records import Damaged
+from zimage.run_records import read_launch
 from zimage.runfolder import RunFolder, process_start_time
 from zimage.settings import Settings
 
@@ -84,16 +86,20 @@ def process_alive(pid: int | None, start_time: float | None) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         created = proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
         return False
     return start_time is None or abs(created - float(start_time)) < 1.0
 
 
 def worker_identity(run_dir: Path, status: dict) -> tuple[int | None, float | None]:
-    """(pid, start time) of a run's worker: the worker's own record, else the launcher's."""
+    """(pid, start time) of a run's worker: the worker's own record, else the launcher's.
+
+    `status` is a valid status (RunFolder.read_status); a damaged launch.json counts as none."""
     if status.get("pid"):
-        return int(status["pid"]), status.get("pid_start_time")
-    launch_rec = read_json(Path(run_dir) / "launch.json", {}) or {}
-    if launch_rec.get("pid") and float(launch_rec.get("launched") or 0) >= float(status.get("launched") or 0) - 1:
-        return int(launch_rec["pid"]), launch_rec.get("pid_start_time")
+        return status["pid"], status.get("pid_start_time")
+    rec = read_launch(Path(run_dir) / "launch.json")
+    if rec is None or isinstance(rec, Damaged):
+        return None, None
+    if rec.pid and (rec.launched or 0.0) >= (status.get("launched") or 0.0) - 1:
+        return rec.pid, rec.pid_start_time
     return None, None

@@ -8,6 +8,7 @@ from zimage.registry.db import Registry
 from zimage.registry.queries import (
     checkpoints,
     config_diff,
+    damaged_runs,
     datasets,
     filter_choices,
     list_jobs,
@@ -27,6 +28,7 @@ __all__ = [
     "RegistryError",
     "checkpoints",
     "config_diff",
+    "damaged_runs",
     "datasets",
     "filter_choices",
     "list_jobs",
@@ -38,4 +40,3 @@ __all__ = [
     "sample_steps",
     "samples",
 ]
-

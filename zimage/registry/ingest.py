@@ -5,7 +5,9 @@ signature of status.json / config.json / checkpoints/, and for the append-only m
 samples.jsonl a byte offset and line count (stored in `ingest_files`, in the same transaction as the
 rows, so a crash never ingests a line twice or skips one). A file that shrank or was replaced (new
 inode) is read again from the start. A half-written last line waits for the next pass; malformed lines
-are counted and logged, never fatal. One run's problem (unreadable file) never stops the others.
+are counted and logged, never fatal. One run's problem (unreadable file) never stops the others: a
+damaged status.json gives the run state `damaged` with the reason in `problem` (a damaged config.json
+only the reason), read through zimage.run_records like every other run-folder file.
 
 Callers: the scheduler (watchdog events + periodic rescan), `refresh_run` after a button press, and
 `rebuild`, which runs `scan()` into an empty database.
@@ -34,7 +36,7 @@ from zimage.registry.rows import (
     to_str,
 )
 from zimage.registry.schema import METRIC_COLUMNS
-from zimage.runfolder import read_json
+from zimage.run_records import DAMAGED, read_config, read_status, salvage_status, status_fields
 from zimage.settings import Settings
 
 log = logging.getLogger("zimage.registry")
@@ -208,8 +210,8 @@ class Ingester:
     def _prepare(self, run_id: str) -> _Pending | None:
         """Read what changed in one folder and build its rows; touches neither the database nor memory."""
         path = self.settings.runs_dir / run_id
-        if not (path / "status.json").is_file():
-            return None  # a folder still being created, or gone
+        if not os.path.lexists(path / "status.json"):
+            return None  # a folder still being created, or gone (a folder where the file belongs is damaged)
         base_row = self.runs.get(run_id)
         old_sigs = self._sigs.get(run_id, {})
         p = _Pending(
@@ -220,15 +222,8 @@ class Ingester:
             changed=base_row is None,
         )
         row = p.row
-        if p.sigs["status.json"] != old_sigs.get("status.json"):
-            status = read_json(path / "status.json")
-            if not isinstance(status, dict):
-                return None
-            apply_status(row, status)
-            p.changed = True
-        if p.sigs["config.json"] != old_sigs.get("config.json"):
-            config = read_json(path / "config.json", {})
-            apply_config(row, config if isinstance(config, dict) else {})
+        if any(p.sigs[n] != old_sigs.get(n) for n in ("status.json", "config.json")):
+            _apply_files(row, path)  # both, together: `problem` is what is wrong with either of them
             p.changed = True
         if p.sigs["checkpoints"] != old_sigs.get("checkpoints"):
             p.checkpoints = list_checkpoints(run_id, path / "checkpoints")
@@ -321,7 +316,7 @@ class Ingester:
         if p.checkpoints is not None:
             cur.execute("DELETE FROM checkpoints WHERE run_id = ?", [run_id])
             if p.checkpoints:
-                cur.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?)", p.checkpoints)
+                cur.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", p.checkpoints)
         cur.execute(_UPSERT_RUN, [p.row[c] for c in RUN_COLUMNS])
         for name, rec in (("metrics", p.m_rec), ("samples", p.s_rec)):
             if rec is not None:
@@ -358,6 +353,19 @@ class Ingester:
             "ino": st.st_ino,
         }
         return chunk, new, reset
+
+
+def _apply_files(row: dict, path: Path) -> None:
+    """The columns taken from status.json and config.json, and what is wrong with them."""
+    status = read_status(path / "status.json", missing={})
+    config = read_config(path / "config.json", missing={})
+    if isinstance(status, Damaged):
+        apply_status(row, salvage_status(status.data))  # kind, user, name... when they are sound
+        row.update(state=DAMAGED, status=None)
+    else:
+        apply_status(row, status_fields(status) if status else {})
+    apply_config(row, config.model_dump() if config and not isinstance(config, Damaged) else {})
+    row["problem"] = "; ".join(r.problem for r in (status, config) if isinstance(r, Damaged)) or None
 
 
 def rebuild_into(db_file: Path, settings: Settings) -> dict:

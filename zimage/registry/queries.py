@@ -33,7 +33,7 @@ RUN_LIST_COLUMNS = (
     "run_id, name, kind, user_name AS user, state, dataset, model, output_name, step, total_steps, "
     "CASE WHEN total_steps > 0 THEN least(greatest(step, 0)::DOUBLE / total_steps, 1.0) END AS progress, "
     "last_loss, last_lr, eta, coalesce(created, started) AS created, started, ended, heartbeat, gpu_ids, "
-    "output_path, error, queue_order, metrics_rows, malformed_lines, samples_count, checkpoints_count"
+    "output_path, error, queue_order, metrics_rows, malformed_lines, samples_count, checkpoints_count, problem"
 )
 
 
@@ -54,7 +54,9 @@ def list_runs(
             where.append(f"{column} IN ({', '.join('?' * len(values))})")
             params += values
     if text and text.strip():
-        where.append("concat_ws(' ', run_id, name, output_name, dataset, model, user_name, kind, error) ILIKE ?")
+        where.append(
+            "concat_ws(' ', run_id, name, output_name, dataset, model, user_name, kind, error, problem) ILIKE ?"
+        )
         params.append(f"%{text.strip()}%")
     sql = f"SELECT {RUN_LIST_COLUMNS} FROM runs"
     if where:
@@ -149,9 +151,11 @@ def sample_steps(reg: Registry, run_id: str) -> list[int]:
 
 
 def checkpoints(reg: Registry, run_id: str) -> pd.DataFrame:
-    """A run's checkpoints (name, step, absolute path, size in bytes, mtime), oldest step first."""
+    """A run's checkpoints (name, step, absolute path, size in bytes, mtime, problem), oldest step first;
+    `problem` is None for a whole checkpoint, else what is wrong with its progress.json."""
     df = reg.fetch_df(
-        "SELECT name, step, path, size, mtime FROM checkpoints WHERE run_id = ? ORDER BY step NULLS LAST, name",
+        "SELECT name, step, path, size, mtime, problem FROM checkpoints WHERE run_id = ? "
+        "ORDER BY step NULLS LAST, name",
         [run_id],
     )
     if not df.empty:
@@ -211,6 +215,16 @@ def list_jobs(reg: Registry, kind: str | Iterable[str] | None = None, limit: int
     if not wanted:
         return list_runs(reg, kind=["\x00none"], limit=limit)  # an empty frame with the usual columns
     return list_runs(reg, kind=wanted, limit=limit)
+
+
+def damaged_runs(reg: Registry, limit: int = 50) -> pd.DataFrame:
+    """Runs with a damaged status.json or config.json (run_id, name, kind, state, problem), newest first:
+    pages list them whatever their filters, so a damaged run never just disappears."""
+    return reg.fetch_df(
+        "SELECT run_id, name, kind, state, problem FROM runs WHERE problem IS NOT NULL "
+        "ORDER BY coalesce(created, started) DESC NULLS LAST, run_id DESC LIMIT ?",
+        [int(limit)],
+    )
 
 
 def datasets(reg: Registry) -> pd.DataFrame:

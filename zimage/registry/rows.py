@@ -1,39 +1,46 @@
 """Turning a run folder's files into the values of its `runs` row (and its checkpoint rows).
 
-Values from status.json are checked for type one by one: a hand-edited or foreign file with a wrong type
-gives NULL in that column, never a failed ingest.
+The files come through zimage.run_records, so the values are already typed; a damaged status.json gives
+state `damaged` with the reason in `problem` and only the fields that are valid on their own. The column
+converters still check each value, so no value can fail an insert.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from zimage.records import Damaged
+from zimage.run_records import read_progress
+
 RUN_COLUMNS = (
     "run_id", "kind", "name", "user_name", "state", "dataset", "model", "output_name", "config", "status",
     "gpus", "gpu_ids", "host", "pid", "pid_start_time", "created", "started", "ended", "heartbeat",
     "last_heartbeat", "step", "total_steps", "queue_order", "cancelled", "resumes", "error", "output_path",
     "metrics_rows", "first_metric_step", "last_metric_step", "last_loss", "last_lr", "last_step_time", "eta",
-    "malformed_lines", "samples_count", "last_sample_path", "checkpoints_count",
+    "malformed_lines", "samples_count", "last_sample_path", "checkpoints_count", "problem",
 )  # fmt: skip
 
 
 def to_int(v) -> int | None:
     try:
-        return None if v is None or isinstance(v, bool) else int(v)
+        i = None if v is None or isinstance(v, bool) else int(v)
     except (TypeError, ValueError, OverflowError):
         return None
+    return i if i is None or -(2**63) <= i < 2**63 else None  # a BIGINT column holds no more
 
 
 def to_float(v) -> float | None:
     try:
-        return None if v is None or isinstance(v, bool) else float(v)
+        f = None if v is None or isinstance(v, bool) else float(v)
     except (TypeError, ValueError, OverflowError):
         return None
+    return f if f is None or math.isfinite(f) else None
 
 
 def to_str(v) -> str | None:
@@ -119,7 +126,10 @@ def apply_metrics(row: dict, table: pa.Table | None) -> None:
 
 
 def list_checkpoints(run_id: str, folder: Path) -> list[list]:
-    """Entries of checkpoints/ (path relative to the run folder); the step is the last number in the name."""
+    """Entries of checkpoints/ (path relative to the run folder); the step is the last number in the name.
+
+    The last value is the checkpoint's problem: its progress.json (written last, so its absence means the
+    checkpoint is not whole) is missing, damaged or not marked complete; None for a sound one."""
     out = []
     if not folder.is_dir():
         return out
@@ -132,6 +142,15 @@ def list_checkpoints(run_id: str, folder: Path) -> list[list]:
             size = st.st_size if entry.is_file() else sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
         except FileNotFoundError:
             continue
-        step = int(digits[-1]) if digits else None
-        out.append([run_id, entry.name, step, f"checkpoints/{entry.name}", size, st.st_mtime])
+        step = to_int(digits[-1]) if digits else None
+        out.append([run_id, entry.name, step, f"checkpoints/{entry.name}", size, st.st_mtime, _problem(entry)])
     return out
+
+
+def _problem(entry: Path) -> str | None:
+    if not entry.is_dir():
+        return None  # a single-file checkpoint of another layout: nothing to check
+    progress = read_progress(entry / "progress.json")
+    if isinstance(progress, Damaged):
+        return progress.problem
+    return None if progress.complete else "progress.json: not marked complete"

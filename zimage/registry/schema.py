@@ -20,7 +20,7 @@ Tables (times are Unix seconds, as in status.json):
 from __future__ import annotations
 
 from zimage.errors import UserError
-from zimage.runfolder import METRIC_FIELDS
+from zimage.run_records import METRIC_FIELDS
 
 METRIC_COLUMNS = METRIC_FIELDS[1:]  # every field but `step` is a DOUBLE column
 
@@ -65,7 +65,16 @@ _V3 = [
     "ALTER TABLE datasets ADD COLUMN problem VARCHAR",
 ]
 
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3)]
+# v4: a run whose status.json or config.json is damaged (state `damaged` for status.json) carries the reason,
+# and so does a checkpoint whose progress.json is missing, damaged or not marked complete. The jobs view is
+# made again: its `SELECT *` was bound to the columns runs had before.
+_V4 = [
+    "ALTER TABLE runs ADD COLUMN problem VARCHAR",
+    "ALTER TABLE checkpoints ADD COLUMN problem VARCHAR",
+    "CREATE OR REPLACE VIEW jobs AS SELECT * FROM runs WHERE kind <> 'train'",
+]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TABLES = ("datasets", "runs", "metrics", "samples", "checkpoints")  # the content `rebuild` reproduces
 

@@ -75,3 +75,12 @@ def number(value, digits: int = 4) -> str:
     if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
         return f"{v:.{max(1, digits - 1)}e}"
     return f"{v:.{digits}g}"
+
+
+def damaged_lines(df) -> list[str]:
+    """`registry.damaged_runs` rows as warnings: 'Run <id> is damaged: status.json: pid must be ...'."""
+    out = []
+    for r in df.itertuples(index=False):
+        what = "is damaged" if r.state == "damaged" else f"({r.state or 'state unknown'}) has a damaged file"
+        out.append(f"Run {r.run_id} {what}: {r.problem}")
+    return out

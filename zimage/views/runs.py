@@ -174,10 +174,12 @@ def sample_tiles(settings: Settings, samples: pd.DataFrame, step: int) -> list[t
 
 
 def checkpoint_rows(df: pd.DataFrame) -> list[dict]:
+    """The checkpoints table; `problem` says why one cannot be resumed from (its progress.json)."""
     from zimage.system import human_bytes
 
     return [
         {"checkpoint": r.name, "step": None if pd.isna(r.step) else int(r.step),
-         "size": human_bytes(r.size or 0), "saved": clock(r.mtime)}
+         "size": human_bytes(r.size or 0), "saved": clock(r.mtime),
+         "problem": "" if pd.isna(getattr(r, "problem", None)) else str(r.problem)}
         for r in df.itertuples(index=False)
     ]  # fmt: skip
