@@ -124,3 +124,17 @@ def test_a_damaged_chosen_checkpoint_is_a_clear_error_and_changes_nothing(run, c
     assert run.status_path.read_bytes() == before  # still the stopped run it was
     assert main(["train", "--resume", str(run.path), "--checkpoint", "step-000009"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_runs_show_lists_each_checkpoint_complete_or_damaged(home, stopped, capsys):
+    run_id = "20261203-000000-fallback-show"
+    target = home.runs_dir / run_id
+    shutil.copytree(stopped.path, target)
+    try:
+        _truncate(target / "checkpoints" / checkpoints.checkpoint_name(STOP_AT) / "resume_state.pt")
+        assert main(["runs", "show", run_id]) == 0
+        out = capsys.readouterr().out
+        assert "  step-000002  complete" in out
+        assert "  step-000004  damaged: " in out and str(target / "checkpoints" / "step-000004") in out
+    finally:
+        shutil.rmtree(target)

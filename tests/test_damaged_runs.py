@@ -181,11 +181,6 @@ def test_every_page_renders(damaged_home, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="zimage/captioning/worker.py caption_runs parses status.json itself (read_json, then .get on a list); "
-    "it must read it with RunFolder(path).read_status()",
-)
 def test_the_captioning_page_renders(damaged_home, monkeypatch):
     monkeypatch.setenv("ZIMAGE_SCHEDULER_LAUNCH", "0")
     _render(CAPTIONING)

@@ -39,7 +39,8 @@ from zimage.captioning.config import (  # noqa: F401  (CaptionConfigError, capti
 from zimage.data.folders import DatasetItem
 from zimage.data.images import ImageProblem, open_rgb
 from zimage.data.manage import clean_caption
-from zimage.fsio import atomic_write, read_json
+from zimage.errors import UserError
+from zimage.fsio import atomic_write
 from zimage.job import Job, run_job
 from zimage.runfolder import RunFolder
 from zimage.settings import Settings, get_settings
@@ -62,6 +63,8 @@ def _already_done(run: RunFolder) -> set[str]:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill
+            if not isinstance(record, dict):
+                continue  # not a line this worker wrote
             if record.get("status") in ("written", "skipped", "error"):
                 done.add(record.get("file"))
     return done
@@ -302,12 +305,15 @@ def caption_runs(settings: Settings, limit: int = 10) -> list[dict]:
     folders = sorted((p for p in settings.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
                      key=lambda p: p.name, reverse=True)  # fmt: skip
     for path in folders:
-        status = read_json(path / "status.json", {}) or {}
+        run = RunFolder(path)
+        status = run.read_status()  # typed: a damaged status.json reads as {} and is simply not listed here
         if status.get("kind") != "caption":
             continue
-        rows.append(
-            {"run_id": path.name, "path": path, "status": status, "config": read_json(path / "config.json", {})}
-        )
+        try:
+            config = run.read_config()
+        except UserError:  # a damaged config.json: listed, with nothing to show from it
+            config = {}
+        rows.append({"run_id": path.name, "path": path, "status": status, "config": config})
         if len(rows) >= limit:
             break
     return rows

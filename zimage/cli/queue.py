@@ -6,6 +6,7 @@ database, and the host's scheduler (the app or `zimage worker`) starts queued jo
 
 from __future__ import annotations
 
+import sys
 import time
 
 
@@ -40,7 +41,11 @@ def _load_config(args, settings) -> dict:
         return raw
     overrides = dict(parse_override(item) for item in args.overrides)
     config = build_config(raw, preset=args.preset, overrides=overrides)
-    validate_config(config, settings)  # refuse now, not when the job's turn comes
+    resolved = validate_config(config, settings)  # refuse now, not when the job's turn comes
+    from zimage.training.memory_fit import with_memory_warning
+
+    for warning in with_memory_warning(resolved).warnings:  # e.g. the estimate above the host's memory
+        print(f"note: {warning}", file=sys.stderr)
     return config.to_dict()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -101,7 +102,11 @@ def run_show(args) -> int:
         print(f"output   {st['output_path']}")
     if info["last_metrics"]:
         print("metrics  " + "  ".join(f"{k}={_fmt(v, '.4g')}" for k, v in info["last_metrics"].items()))
-    print(f"samples  {info['samples']}   checkpoints  {', '.join(info['checkpoints']) or '-'}")
+    print(f"samples  {info['samples']}   checkpoints  {len(info['checkpoints']) or '-'}")
+    from zimage.training.checkpoints import checkpoint_report  # reads manifests: only when asked
+
+    for name, _step, ok, problem in checkpoint_report(Path(info["run_dir"]) / "checkpoints"):
+        print(f"  {name}  {'complete' if ok else 'damaged: ' + problem}")
     print("config   " + json.dumps(info["config"], sort_keys=True))
     return 0
 

@@ -35,6 +35,7 @@ import torch
 
 from zimage.errors import UserError
 from zimage.fsio import atomic_folder
+from zimage.records import Damaged
 
 PREFIX = "step-"
 LORA_FILE = "lora.safetensors"
@@ -84,12 +85,13 @@ def checkpoint_name(step: int) -> str:
 
 def is_complete(folder: Path) -> bool:
     """A finished checkpoint: progress.json (written last) says so and the resume state is there."""
-    try:
-        progress = json.loads((folder / PROGRESS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from zimage.run_records import read_progress
+
+    progress = read_progress(folder / PROGRESS_FILE)  # a damaged or non-object progress.json: not complete
+    if isinstance(progress, Damaged) or not progress.complete:
         return False
     weights = (folder / LORA_FILE).is_file() or (folder / TRANSFORMER_DIR).is_dir()
-    return bool(progress.get("complete")) and (folder / STATE_FILE).is_file() and weights
+    return (folder / STATE_FILE).is_file() and weights
 
 
 def _sha256(path: Path) -> str:

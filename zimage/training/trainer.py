@@ -343,6 +343,7 @@ class LoraTrainer:
         if acc.is_main_process:
             self.report.status(phase="saving checkpoint")
             model, encoder = self._unwrapped()
+            self.report.flush_metrics()  # the metrics of the steps this checkpoint holds go to disk first
             ckpt = resume.save_checkpoint(
                 self.run_dir / "checkpoints", step=self.step, losses=self.losses, training_type=c.training_type,
                 optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, sampler=self.sampler,
