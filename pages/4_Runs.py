@@ -79,11 +79,18 @@ def show_run() -> None:
     if d.get("error"):
         st.error((str(d["error"]).strip().splitlines() or [""])[-1])
     allowed = rv.action_states(d["state"])
+    start_from = None
+    if rv.is_final(d["state"]) and allowed["resume"]:  # back in line: from which checkpoint
+        choices = rv.resume_choices(registry.checkpoints(reg, run_id))
+        picked_ckpt = st.selectbox("Resume from", choices, key="run_resume_from")
+        start_from = None if picked_ckpt == choices[0] else picked_ckpt
     cols = st.columns(len(allowed) + 1)
     for col, (action, label) in zip(cols, rv.ACTIONS.items(), strict=False):
         if col.button(label, key=f"run_{action}", disabled=not allowed[action]):
             try:
-                st.toast(f"{run_id}: {jobs.control(settings, run_id, action, user=ss.get('user_name'))}")
+                done = jobs.control(settings, run_id, action, user=ss.get("user_name"),
+                                    checkpoint=start_from if action == "resume" else None)  # fmt: skip
+                st.toast(f"{run_id}: {done}")
             except UserError as exc:
                 st.error(str(exc))
     lora = rv.lora_file(d)

@@ -138,3 +138,31 @@ def test_runs_show_lists_each_checkpoint_complete_or_damaged(home, stopped, caps
         assert "  step-000004  damaged: " in out and str(target / "checkpoints" / "step-000004") in out
     finally:
         shutil.rmtree(target)
+
+
+def test_the_queue_resumes_from_a_chosen_checkpoint_and_refuses_a_damaged_one(home, stopped, capsys):
+    from zimage.jobs import JobError, control
+    from zimage.views.runs import NEWEST_CHECKPOINT, resume_choices
+
+    run_id = "20261203-000001-fallback-queue"
+    target = home.runs_dir / run_id
+    shutil.copytree(stopped.path, target)
+    try:
+        _truncate(target / "checkpoints" / checkpoints.checkpoint_name(STOP_AT) / "resume_state.pt")
+        with pytest.raises(JobError, match="step-000004 of run .* cannot be resumed from: .*resume_state.pt"):
+            control(home, run_id, "resume", checkpoint="step-000004")
+        with pytest.raises(JobError, match="has no checkpoint 'step-000009'"):
+            control(home, run_id, "resume", checkpoint="step-000009")
+        assert RunFolder(target).read_status()["state"] == "stopped"  # refused: nothing changed
+        assert control(home, run_id, "resume", checkpoint="step-000002") == "requeued"
+        assert RunFolder(target).read_status()["resume_checkpoint"] == "step-000002"
+        assert main(["train", "--run-dir", str(target)]) == 0  # what the scheduler launches for the queued run
+        assert "Resumed from step-000002: continuing after step 2" in (target / "log.txt").read_text()
+        assert RunFolder(target).read_status()["state"] == "completed"
+    finally:
+        shutil.rmtree(target)
+    import pandas as pd
+
+    table = pd.DataFrame({"name": ["step-000002", "step-000004"], "step": [2, 4], "problem": [None, "bad"]})
+    assert resume_choices(table) == [NEWEST_CHECKPOINT, "step-000002"]
+    assert resume_choices(pd.DataFrame()) == [NEWEST_CHECKPOINT]

@@ -70,8 +70,9 @@ def run(args) -> int:
     if args.checkpoint:
         raise UserError("--checkpoint NAME goes with --resume RUN_DIR")
     run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
-    if run_dir is not None and not args.config and RunFolder(run_dir).read_status().get("resume"):
-        return resume(run_dir, settings)  # the job queue's resume of a stopped / lost run
+    queued = RunFolder(run_dir).read_status() if run_dir is not None and not args.config else {}
+    if queued.get("resume"):  # the job queue's resume of a stopped / lost run, maybe from a chosen checkpoint
+        return resume(run_dir, settings, checkpoint_name=queued.get("resume_checkpoint"))
     if args.config:
         raw = read_config_file(args.config)
         if main and run_dir is not None and RunFolder(run_dir).config_path.exists():

@@ -25,11 +25,14 @@ def _refresh(settings: Settings, run_id: str) -> None:
         scheduler.refresh_run(settings, run_id)
 
 
-def control(settings: Settings, run_id: str, action: str, user: str | None = None) -> str:
+def control(
+    settings: Settings, run_id: str, action: str, user: str | None = None, checkpoint: str | None = None
+) -> str:
     """Send `action` (stop, pause, resume, save_now, sample_now) to a run; returns what was done.
 
     stop on a queued job cancels it; resume on a stopped, failed or lost run puts it back in line
-    (the worker continues from its last checkpoint). Anything else needs a running worker.
+    (the worker continues from its newest complete checkpoint, or `checkpoint`). Anything else needs a
+    running worker.
     """
     if action not in CONTROL_ACTIONS:
         raise JobError(f"action: {action!r} is not one of {', '.join(CONTROL_ACTIONS)}")
@@ -39,7 +42,7 @@ def control(settings: Settings, run_id: str, action: str, user: str | None = Non
         _queue.cancel(settings, run_id)
         done = "cancelled"
     elif state in ("stopped", "failed", "lost") and action == "resume":
-        requeue(settings, run_id, user=user)
+        requeue(settings, run_id, user=user, checkpoint=checkpoint)
         done = "requeued"
     elif state in ACTIVE_STATES:
         if action == "pause" and state == "stopping":

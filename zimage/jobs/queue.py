@@ -178,13 +178,23 @@ def cancel(settings: Settings, run_id: str) -> None:
         folder.update_status(state="stopped", cancelled=True, ended=time.time())
 
 
-def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
-    """Put a stopped, failed or lost run back in line; the worker resumes from its last checkpoint.
+def requeue(settings: Settings, run_id: str, user: str | None = None, checkpoint: str | None = None) -> None:
+    """Put a stopped, failed or lost run back in line; the worker resumes from its newest complete
+    checkpoint, or from `checkpoint` (a name such as step-000040) when given.
 
     Every request in control.json so far counts as handled (the stop that ended the run, or one its
     worker never saw), so none of them acts on the resumed run.
     """
     folder = run_folder(settings, run_id)
+    if checkpoint:
+        from zimage.training.checkpoints import checkpoint_report  # verifies manifests: only on this request
+
+        report = {name: (ok, why) for name, _step, ok, why in checkpoint_report(folder.checkpoints_dir)}
+        if checkpoint not in report:
+            known = ", ".join(report) or "none"
+            raise JobError(f"checkpoint: run {run_id} has no checkpoint {checkpoint!r} (it has: {known})")
+        if not report[checkpoint][0]:
+            raise JobError(f"checkpoint: {checkpoint} of run {run_id} cannot be resumed from: {report[checkpoint][1]}")
     with queue_lock(settings):
         status = folder.checked_status()
         if status.get("state") not in FINAL_STATES or status.get("state") == "completed":
@@ -194,6 +204,7 @@ def requeue(settings: Settings, run_id: str, user: str | None = None) -> None:
             state="queued",
             queue_order=_next_order(settings),
             resume=True,
+            resume_checkpoint=checkpoint or None,
             resumes=(status.get("resumes") or 0) + 1,
             requeued_by=user or status.get("user"),
             cancelled=False,

@@ -183,3 +183,17 @@ def checkpoint_rows(df: pd.DataFrame) -> list[dict]:
          "problem": "" if pd.isna(getattr(r, "problem", None)) else str(r.problem)}
         for r in df.itertuples(index=False)
     ]  # fmt: skip
+
+
+NEWEST_CHECKPOINT = "the newest complete checkpoint"
+
+
+def resume_choices(checkpoints) -> list[str]:
+    """Resume targets for a stopped run: the newest complete one first, then each sound checkpoint, newest
+    first (`checkpoints` as registry.checkpoints returns them; one with a problem is not offered)."""
+    names = []
+    if checkpoints is not None and len(checkpoints):
+        rows = checkpoints.sort_values("step", ascending=False)
+        problems = rows["problem"] if "problem" in rows else [None] * len(rows)
+        names = [n for n, why in zip(rows["name"], problems, strict=True) if not (isinstance(why, str) and why)]
+    return [NEWEST_CHECKPOINT, *names]
