@@ -41,8 +41,6 @@ def check_slug(name: str, what: str = "name") -> str:
     return name
 
 
-
-
 @dataclass
 class DatasetInfo:
     name: str
