@@ -50,6 +50,15 @@ def zhome_demo(zhome, tiny_model_dir):
     return zhome
 
 
+@pytest.fixture()
+def zhome_demo_shared_cache(zhome_demo, tmp_path_factory):
+    """`zhome_demo` whose latent/text cache is shared with the trainer test modules of this process."""
+    shared = tmp_path_factory.getbasetemp() / "zimage-shared-train-cache"
+    shared.mkdir(exist_ok=True)
+    zhome_demo.cache_dir.symlink_to(shared, target_is_directory=True)
+    return zhome_demo
+
+
 @pytest.fixture(autouse=True)
 def _stop_schedulers():
     """A test whose page or code started this host's scheduler (zimage.jobs.ensure_scheduler) stops it after."""

@@ -49,12 +49,8 @@ def state(settings, run_id):
 
 
 @pytest.fixture()
-def home(zhome_demo, tmp_path_factory):
-    """The tiny model and demo-shapes; the latent/text cache shared with the trainer test modules."""
-    shared = tmp_path_factory.getbasetemp() / "zimage-shared-train-cache"
-    shared.mkdir(exist_ok=True)
-    zhome_demo.cache_dir.symlink_to(shared, target_is_directory=True)
-    return zhome_demo
+def home(zhome_demo_shared_cache):
+    return zhome_demo_shared_cache
 
 
 @pytest.fixture()
