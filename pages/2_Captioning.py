@@ -26,7 +26,7 @@ rows = {r["name"]: r for r in dataset_rows(settings)}
 if not rows:
     st.info("No datasets yet: create one on the Datasets page first.")
     st.stop()
-name = st.selectbox("Dataset", list(rows), key="dataset")
+name = st.selectbox("Dataset", list(rows), key="dataset", bind="query-params", persist_state="session")
 row = rows[name]
 st.caption(f"{row['images']} images, {row['captioned']} captioned, trigger word: {row['trigger word'] or '(none)'}")
 
@@ -34,24 +34,25 @@ with st.expander("Captioning models"):
     st.dataframe(captioner_rows(settings), hide_index=True, key="cap_models")
 choices = [e.name for e in KNOWN_CAPTIONERS] + ["other"]
 labels = {e.name: f"{e.title} ({e.size})" for e in KNOWN_CAPTIONERS} | {"other": "Other: hub id or model folder"}
-choice = st.selectbox("Model", choices, format_func=labels.get, key="cap_model")
-model = st.text_input("Hub id or folder", key="cap_model_custom").strip() if choice == "other" else choice
+choice = st.selectbox("Model", choices, format_func=labels.get, key="cap_model", persist_state="session")
+model = (st.text_input("Hub id or folder", key="cap_model_custom", persist_state="session").strip()
+         if choice == "other" else choice)
 entry = known_captioner(model) if model else None
 c1, c2 = st.columns(2)
-detail = c1.radio("Detail", ["short", "detailed", "paragraph"], horizontal=True, key="cap_detail",
+detail = c1.radio("Detail", ["short", "detailed", "paragraph"], horizontal=True, key="cap_detail", persist_state="session",
                   help="Florence-2 has a task per level; BLIP writes one sentence (longer with more detail).")  # fmt: skip
-mode = c2.radio("Images", ["missing", "all"], horizontal=True, key="cap_mode",
+mode = c2.radio("Images", ["missing", "all"], horizontal=True, key="cap_mode", persist_state="session",
                 format_func={"missing": "Only those without a caption", "all": "All (overwrite captions)"}.get)  # fmt: skip
 trigger = st.checkbox(f"Start each caption with the trigger word ({row['trigger word'] or 'none set'})", True,
-                      key="cap_trigger", disabled=not row["trigger word"])  # fmt: skip
-prompt = st.text_input("BLIP prompt (optional): words each caption starts with", key="cap_prompt") if (
+                      key="cap_trigger", persist_state="session", disabled=not row["trigger word"])  # fmt: skip
+prompt = st.text_input("BLIP prompt (optional): words each caption starts with", key="cap_prompt", persist_state="session") if (
     entry is None or entry.family == "blip") else ""  # fmt: skip
 with st.expander("Advanced"):
     a1, a2, a3 = st.columns(3)
-    batch = a1.number_input("Batch size", 1, 64, 4, key="cap_batch")
-    beams = a2.number_input("Beams", 1, 16, 3, key="cap_beams")
-    max_tokens = a3.number_input("Max new tokens (0: by detail)", 0, 1024, 0, key="cap_max_tokens")
-    download = st.checkbox("Download the model if it is not here yet", True, key="cap_download")
+    batch = a1.number_input("Batch size", 1, 64, 4, key="cap_batch", persist_state="session")
+    beams = a2.number_input("Beams", 1, 16, 3, key="cap_beams", persist_state="session")
+    max_tokens = a3.number_input("Max new tokens (0: by detail)", 0, 1024, 0, key="cap_max_tokens", persist_state="session")
+    download = st.checkbox("Download the model if it is not here yet", True, key="cap_download", persist_state="session")
 
 if st.button("Start captioning", type="primary", key="cap_start"):
     try:

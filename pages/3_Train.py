@@ -68,8 +68,8 @@ def save_preset() -> str:
     return f"Preset saved: {presets.save_preset(settings, name, tf.read_values(ss), overwrite=replace).name}"
 
 
-if tf.EXTRA_KEY not in ss:  # first visit: the first preset on the first model and dataset on disk
-    ss.setdefault("tr_preset", presets.preset_names(settings)[0])
+if tf.EXTRA_KEY not in ss:  # first visit: the linked preset and dataset (?tr_preset=&tr_dataset_path=) or the first
+    ss.update(tf.linked_choices(settings, st.query_params.to_dict(), presets.preset_names(settings)))
     act(use_preset)
 clone_id = st.query_params.get("clone")
 if clone_id and ss.get("tr_cloned") != clone_id and reg is not None and clone_id in set(earlier["run_id"]):
@@ -78,7 +78,7 @@ if clone_id and ss.get("tr_cloned") != clone_id and reg is not None and clone_id
 
 top = st.columns([2, 3, 1, 1], vertical_alignment="bottom")
 top[0].selectbox("Preset", presets.preset_names(settings), format_func=presets.preset_label, key="tr_preset",
-                 on_change=act, args=(use_preset,))  # fmt: skip
+                 on_change=act, args=(use_preset,), persist_state="session", bind="query-params")  # fmt: skip
 labels = {r["run_id"]: run_label(r) for r in earlier.to_dict("records")}
 pick = top[1].selectbox("Earlier run", list(labels), format_func=labels.get, index=None, key="tr_earlier",
                         placeholder="Clone or resume an earlier run")  # fmt: skip
@@ -102,7 +102,8 @@ CALLBACKS = {"model_path": tf.on_model_change, "model_type": tf.on_model_type_ch
 def widget(f: tf.FormField, where) -> None:
     """One field's widget (its value lives in session_state) and its problems right under it."""
     cb = CALLBACKS.get(f.name)
-    kw = dict(key=tf.KEY + f.name, help=f.help or None, on_change=cb, args=(ss, settings) if cb else None)
+    kw = dict(key=tf.KEY + f.name, help=f.help or None, on_change=cb, args=(ss, settings) if cb else None,
+              persist_state="session", bind="query-params" if f.name in tf.URL_FIELDS else None)
     if f.kind == "select":
         where.selectbox(f.label, f.options, format_func=FORMAT.get(f.name, str), **kw)
     elif f.kind == "multi":
@@ -144,6 +145,6 @@ with side:
             st.error(message)
     st.button("Launch", type="primary", key="tr_launch", disabled=bool(problems), on_click=act, args=(launch,))
     with st.expander("Save as preset"):
-        st.text_input("Preset name", key="tr_preset_name")
+        st.text_input("Preset name", key="tr_preset_name", persist_state="session")
         st.checkbox("Replace a saved preset of that name", key="tr_preset_replace")
         st.button("Save preset", key="tr_preset_save", on_click=act, args=(save_preset,))

@@ -17,24 +17,38 @@ ss = st.session_state
 st.title("Runs")
 
 
+@st.fragment(run_every=rv.TABLE_REFRESH_S)
+def runs_table(reg, filters: dict, listed: frozenset) -> None:
+    """The runs table, refreshed by itself (one registry query per tick). When a run joins or leaves the
+    filtered list (started, re-queued, resumed, deleted), the page redraws once so the picker has it too."""
+    with shown_errors(st.error):
+        runs = registry.list_runs(reg, **filters, limit=1000)
+        if frozenset(runs["run_id"]) != listed:
+            st.rerun(scope="app")
+        st.dataframe(
+            rv.runs_table(runs), hide_index=True, key="runs_table", height=min(400, 38 + 35 * max(1, len(runs))),
+            column_config={"progress": st.column_config.ProgressColumn("progress", format="%.0f%%", min_value=0, max_value=100)},
+        )  # fmt: skip
+
+
 def pick_run(reg) -> tuple[str, dict | None]:
     """Filters, the table of runs and the picker; the picked run follows the `?run=` link."""
     choices = registry.filter_choices(reg)
     f1, f2, f3, f4, f5 = st.columns([2, 2, 2, 2, 3])
-    states = f1.multiselect("State", choices["state"], key="runs_state")
-    users = f2.multiselect("User", choices["user"], key="runs_user")
-    datasets = f3.multiselect("Dataset", choices["dataset"], key="runs_dataset")
+    states = f1.multiselect("State", choices["state"], key="runs_state", persist_state="session", bind="query-params")
+    users = f2.multiselect("User", choices["user"], key="runs_user", persist_state="session", bind="query-params")
+    datasets = f3.multiselect("Dataset", choices["dataset"], key="runs_dataset", persist_state="session", bind="query-params")
     kinds = f4.multiselect(
-        "Kind", choices["kind"], default=[k for k in ("train",) if k in choices["kind"]], key="runs_kind"
+        "Kind", choices["kind"], default=[k for k in ("train",) if k in choices["kind"]], key="runs_kind",
+        persist_state="session", bind="query-params",
     )
-    text = f5.text_input("Search", key="runs_search", placeholder="name, run id, user, dataset…")
+    text = f5.text_input("Search", key="runs_search", persist_state="session", bind="query-params",
+                       placeholder="name, run id, user, dataset…")
     for line in damaged_lines(registry.damaged_runs(reg)):  # whatever the filters: a damaged run never hides
         st.warning(line)
-    runs = registry.list_runs(reg, state=states, user=users, dataset=datasets, kind=kinds, text=text, limit=1000)
-    st.dataframe(
-        rv.runs_table(runs), hide_index=True, key="runs_table", height=min(400, 38 + 35 * max(1, len(runs))),
-        column_config={"progress": st.column_config.ProgressColumn("progress", format="%.0f%%", min_value=0, max_value=100)},
-    )  # fmt: skip
+    filters = dict(state=states, user=users, dataset=datasets, kind=kinds, text=text)
+    runs = registry.list_runs(reg, **filters, limit=1000)
+    runs_table(reg, filters, frozenset(runs["run_id"]))
     if runs.empty:
         st.info("No runs match. Start one on the Train page.")
         st.stop()
@@ -43,9 +57,11 @@ def pick_run(reg) -> tuple[str, dict | None]:
     wanted = st.query_params.get("run")
     if wanted and wanted not in labels and registry.run_detail(reg, wanted) is not None:
         labels = {wanted: wanted, **labels}  # a run outside the filters, opened by link
-    if ss.get("runs_pick") not in labels:
-        ss["runs_pick"] = wanted if wanted in labels else next(iter(labels))
-    run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="runs_pick")
+    if wanted in labels and ss.get("runs_linked") != wanted:  # a link (or a reload) names a run: open it
+        ss["runs_pick"] = ss["runs_linked"] = wanted
+    elif ss.get("runs_pick") not in labels:
+        ss["runs_pick"] = next(iter(labels))
+    run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="runs_pick", persist_state="session")
     st.query_params["run"] = run_id
     return run_id, registry.run_detail(reg, run_id)
 
@@ -98,8 +114,8 @@ def show_run() -> None:
                              disabled=lora is None, on_click="ignore", key="run_download")  # fmt: skip
 
     c1, c2 = st.columns([3, 1])
-    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="run_smoothing")
-    log_y = c2.toggle("Log scale", key="run_log")
+    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="run_smoothing", persist_state="session")
+    log_y = c2.toggle("Log scale", key="run_log", persist_state="session")
     figures = rv.run_charts(registry.metric_series(reg, run_id, rv.RUN_METRICS, max_points=400), smoothing, log_y)
     if figures["Loss"] is None:
         c1.info("No metrics yet: they appear with the first training step.")

@@ -26,9 +26,14 @@ def compare(reg) -> None:
     """Pick runs; curves, settings that differ, sample grid, test-grid form."""
     runs = registry.list_runs(reg, kind="train", limit=1000)
     labels = cv.run_labels(runs)
-    if "cmp_runs" not in ss:
-        ss["cmp_runs"] = cv.parse_runs_param(st.query_params.get("runs"), list(labels)) or list(labels)[:2]
-    picked = st.multiselect("Runs", list(labels), format_func=labels.get, key="cmp_runs", max_selections=12)
+    linked = st.query_params.get("runs")
+    if linked and ss.get("cmp_linked") != linked:  # a link (or a reload) names the runs: show those
+        ss["cmp_runs"] = cv.parse_runs_param(linked, list(labels)) or list(labels)[:2]
+        ss["cmp_linked"] = linked
+    elif "cmp_runs" not in ss:
+        ss["cmp_runs"] = list(labels)[:2]
+    picked = st.multiselect("Runs", list(labels), format_func=labels.get, key="cmp_runs", max_selections=12,
+                            persist_state="session")
     st.query_params["runs"] = ",".join(picked)
     if not picked:
         st.info("Pick one or more training runs to compare." if labels else "No training runs yet: start one on Train.")
@@ -36,10 +41,10 @@ def compare(reg) -> None:
 
     st.subheader("Curves")
     c1, c2, c3, c4 = st.columns(4)
-    metric = c1.selectbox("Metric", list(cv.COMPARE_METRICS), format_func=cv.COMPARE_METRICS.get, key="cmp_metric")
-    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="cmp_smoothing")
-    x_axis = c3.radio("x axis", ["step", "wall time"], horizontal=True, key="cmp_x")
-    log_y = c4.toggle("Log scale", key="cmp_log")
+    metric = c1.selectbox("Metric", list(cv.COMPARE_METRICS), format_func=cv.COMPARE_METRICS.get, key="cmp_metric", persist_state="session")
+    smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="cmp_smoothing", persist_state="session")
+    x_axis = c3.radio("x axis", ["step", "wall time"], horizontal=True, key="cmp_x", persist_state="session")
+    log_y = c4.toggle("Log scale", key="cmp_log", persist_state="session")
     series = registry.metric_series(
         reg, picked, [metric, "elapsed"] if x_axis == "wall time" else [metric], max_points=400
     )
@@ -95,8 +100,8 @@ def compare(reg) -> None:
                 "Prompt", cv.grid_prompt(config, cv.dataset_trigger(reg, details[0]["dataset"])), key="cmp_grid_prompt"
             )
             g1, g2, g3 = st.columns(3)
-            strengths = g1.text_input("Strengths", "0, 0.5, 1", key="cmp_grid_strengths")
-            seed = g2.number_input("Seed", 0, 2**31 - 1, 42, key="cmp_grid_seed")
+            strengths = g1.text_input("Strengths", "0, 0.5, 1", key="cmp_grid_strengths", persist_state="session")
+            seed = g2.number_input("Seed", 0, 2**31 - 1, 42, key="cmp_grid_seed", persist_state="session")
             size = g3.number_input(
                 "Size", 64, 2048, min(512, int(config.get("resolution") or 512)), 16, key="cmp_grid_size"
             )

@@ -16,6 +16,7 @@ from zimage.views.format import clock, duration, fraction, number, progress_text
 
 LIVE_STATES = ("queued", *ACTIVE_STATES)
 RUN_METRICS = ("loss", "lr", "step_time", "mem_allocated", "mem_peak")
+TABLE_REFRESH_S = 2  # the Runs table redraws itself this often (one registry query each time)
 ACTIONS = {"stop": "Stop", "pause": "Pause", "resume": "Resume", "save_now": "Save now", "sample_now": "Sample now"}
 TABLE_COLUMNS = ["run", "name", "state", "user", "dataset", "progress", "steps", "last loss", "ETA", "started"]
 THUMB_SIZE = 256

@@ -33,10 +33,22 @@ from zimage.settings import Settings
 
 KEY = "tr_"
 EXTRA_KEY = "tr__extra"
+URL_FIELDS = ("dataset_path",)  # form fields shown in the page's URL, so a link or a reload opens the same choice
 GROUPS = {"basic": "Basic", "lora": "LoRA", "training": "Training", "advanced": "Advanced", "samples": "Samples"}
 MODEL_TYPE_LABELS = {"turbo": "Turbo (+ training adapter)", "de_turbo": "De-Turbo"}
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 
+
+
+def linked_choices(settings: Settings, params: Mapping[str, Any], preset_names: list[str]) -> dict[str, Any]:
+    """The preset and dataset a link or a reload names (`?tr_preset=…&tr_dataset_path=…`), where they exist;
+    the first preset otherwise. For the first visit of a browser session, before the preset's values apply."""
+    preset = params.get("tr_preset")
+    out: dict[str, Any] = {"tr_preset": preset if preset in preset_names else preset_names[0]}
+    dataset = params.get(KEY + "dataset_path")
+    if dataset and dataset in {d.path.name for d in list_datasets(settings.datasets_dir)}:
+        out[KEY + "dataset_path"] = dataset
+    return out
 
 @dataclass(frozen=True)
 class FormField:
