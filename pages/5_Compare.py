@@ -48,7 +48,7 @@ def compare(reg) -> None:
     series = registry.metric_series(
         reg, picked, [metric, "elapsed"] if x_axis == "wall time" else [metric], max_points=400
     )
-    chart = cv.curves(series, metric, smoothing, labels, x_axis, log_y)
+    chart = cv.curves(series, metric, smoothing, labels, x_axis, log_y, order=picked)
     if chart is None:
         st.caption(f"No {cv.COMPARE_METRICS[metric]} logged by these runs yet.")
     else:

@@ -16,6 +16,7 @@ import pandas as pd
 
 GIB = 1024**3
 SERIES_COLUMNS = ["series", "x", "value", "smooth", "lo", "hi"]
+RUN_PALETTE = "tableau20"  # Vega's 20-colour categorical scheme
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
@@ -83,14 +84,22 @@ def metric_chart(
     log_y: bool = False,
     smoothed: bool = False,
     height: int = 240,
+    series_order: Sequence[str] | None = None,
 ) -> alt.LayerChart:
-    """Band (min-max per bucket) + raw line + smoothed line, one colour per series."""
+    """Band (min-max per bucket) + raw line + smoothed line + invisible hover points, one colour per series.
+
+    `series_order` fixes the colour of each series (see `series_colours`): pass the same list to every chart
+    of a page and a run has one colour on all of them. A log axis spans the data, not whole decades.
+    """
     data = frame.copy()
     if log_y:  # a log axis cannot show zero or negative values
         data = data[data["value"] > 0]
         positive = data["value"].min() if not data.empty else 1.0
         data["lo"] = data["lo"].where(data["lo"] > 0, positive)
-    scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
+    if log_y and not data.empty:  # span the data: Vega-Lite's "nice" log domain rounds out to whole decades
+        scale = alt.Scale(type="log", nice=False, domain=[float(data["lo"].min()), float(data["hi"].max())])
+    else:
+        scale = alt.Scale(type="log") if log_y else alt.Scale(zero=False)
     x = alt.X("x:Q", title=x_title, axis=alt.Axis(tickMinStep=1) if x_title == "step" else alt.Axis())
     many = data["series"].nunique() > 1
     # Every layer carries the same legend (Vega-Lite merges them); its symbols are drawn solid, not as faint
@@ -100,9 +109,10 @@ def metric_chart(
         if many
         else None
     )
-    color = alt.Color("series:N", title=None, legend=legend)
+    order = list(series_order) if series_order is not None else list(dict.fromkeys(data["series"]))
+    color = alt.Color("series:N", title=None, legend=legend, scale=series_colours(order))
     base = alt.Chart(data).encode(x=x, color=color)
-    tooltip = [alt.Tooltip("series:N"), alt.Tooltip("x:Q", title=x_title, format=",.2f"),
+    tooltip = [alt.Tooltip("series:N", title="run"), alt.Tooltip("x:Q", title=x_title, format=",.4g"),
                alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("smooth:Q", title="smoothed", format=".4g")]  # fmt: skip
     band = base.mark_area(opacity=0.12).encode(y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q")
     raw = base.mark_line(opacity=0.35 if smoothed else 1.0, strokeWidth=1).encode(
@@ -113,7 +123,15 @@ def metric_chart(
         layers.append(
             base.mark_line(strokeWidth=2).encode(y=alt.Y("smooth:Q", scale=scale, title=y_title), tooltip=tooltip)
         )
+    # hover anywhere near a point, not only exactly on the thin line: step, value and run
+    layers.append(base.mark_circle(size=60, opacity=0).encode(y=alt.Y("value:Q", scale=scale), tooltip=tooltip))
     return alt.layer(*layers).properties(height=height).interactive(bind_y=False)
+
+
+def series_colours(order: Sequence[str]) -> alt.Scale:
+    """One fixed colour per series name, in `order`: a categorical palette of 20 that stays distinguishable
+    for 10+ runs (the Compare page takes at most 12); the same order gives the same colours on every chart."""
+    return alt.Scale(domain=list(order), scheme=RUN_PALETTE)
 
 
 def memory_chart(rows: Sequence[Mapping]) -> alt.Chart:

@@ -62,9 +62,16 @@ def wall_time_axes(series: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def curves(
-    series: pd.DataFrame, metric: str, smoothing: float, labels: Mapping[str, str], x: str = "step", log_y: bool = False
+    series: pd.DataFrame,
+    metric: str,
+    smoothing: float,
+    labels: Mapping[str, str],
+    x: str = "step",
+    log_y: bool = False,
+    order: Sequence[str] | None = None,
 ):
-    """One Altair chart: `metric` of every run in `series`, x = step or wall time (minutes)."""
+    """One Altair chart: `metric` of every run in `series`, x = step or wall time (minutes). `order` (the
+    picked run ids) gives each run its colour, the same on every chart of the page."""
     x_of = wall_time_axes(series) if x == "wall time" else None
     scale = charts.GIB if metric.startswith("mem_") else 1.0
     frame = charts.series_frame(series, metric, smoothing, labels=labels, x_of=x_of, scale=scale)
@@ -72,8 +79,9 @@ def curves(
         return None
     x_title = "wall time (min)" if x == "wall time" else "step"
     return charts.metric_chart(
-        frame, COMPARE_METRICS.get(metric, metric), x_title, log_y, smoothed=smoothing > 0, height=320
-    )
+        frame, COMPARE_METRICS.get(metric, metric), x_title, log_y, smoothed=smoothing > 0, height=320,
+        series_order=[labels.get(r, r) for r in order] if order is not None else None,
+    )  # fmt: skip
 
 
 def diff_table(diff: pd.DataFrame, labels: Mapping[str, str]) -> pd.DataFrame:
