@@ -51,3 +51,17 @@ def test_hover_names_step_value_and_run():
     assert hover["mark"]["type"] == "circle" and hover["mark"]["opacity"] == 0
     titles = {t.get("title", t["field"]) for t in hover["encoding"]["tooltip"]}
     assert {"run", "step", "value"} <= titles
+
+
+def test_run_chart_specs_are_built_once_per_series():
+    from zimage.views import runs as rv
+
+    df = pd.concat([series("a", [1.0, 0.5, 0.25]), series("a", [1e-4] * 3, "lr")])
+    first = rv.run_chart_specs(df, 0.6, False)
+    assert first["Loss"]["layer"][0]["mark"]["type"] == "area"
+    first.pop("Loss")  # the page pops what it places: the cache must not lose it
+    again = rv.run_chart_specs(df, 0.6, False)
+    assert again["Loss"] is not None and again["Learning rate"] is rv.run_chart_specs(df, 0.6, False)["Learning rate"]
+    grown = pd.concat([df, series("a", [0.1, 0.1, 0.1, 0.05])])  # a new metric line: new charts
+    assert rv.run_chart_specs(grown, 0.6, False)["Loss"] != again["Loss"]
+    assert rv.run_chart_specs(df, 0.0, True)["Loss"] != again["Loss"]  # other settings: other charts

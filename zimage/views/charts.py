@@ -111,7 +111,8 @@ def metric_chart(
     )
     order = list(series_order) if series_order is not None else list(dict.fromkeys(data["series"]))
     color = alt.Color("series:N", title=None, legend=legend, scale=series_colours(order))
-    base = alt.Chart(data).encode(x=x, color=color)
+    base = alt.Chart().encode(x=x, color=color)  # the data goes on the layer once: altair then need not compare
+    # (hash) a copy per layer, which was most of the time a chart took to build
     tooltip = [alt.Tooltip("series:N", title="run"), alt.Tooltip("x:Q", title=x_title, format=",.4g"),
                alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("smooth:Q", title="smoothed", format=".4g")]  # fmt: skip
     band = base.mark_area(opacity=0.12).encode(y=alt.Y("lo:Q", scale=scale, title=y_title), y2="hi:Q")
@@ -125,7 +126,7 @@ def metric_chart(
         )
     # hover anywhere near a point, not only exactly on the thin line: step, value and run
     layers.append(base.mark_circle(size=60, opacity=0).encode(y=alt.Y("value:Q", scale=scale), tooltip=tooltip))
-    return alt.layer(*layers).properties(height=height).interactive(bind_y=False)
+    return alt.layer(*layers, data=data).properties(height=height).interactive(bind_y=False)
 
 
 def series_colours(order: Sequence[str]) -> alt.Scale:
@@ -148,3 +149,41 @@ def memory_chart(rows: Sequence[Mapping]) -> alt.Chart:
         )
         .properties(height=alt.Step(34))  # a fixed band per phase: the legend below cannot squash the bars
     )
+
+
+def parallel_frame(table: pd.DataFrame, axes: Sequence[str], run_column: str = "run") -> pd.DataFrame:
+    """Long rows (run, axis, position, value, level) for a parallel-coordinates chart of `table`'s `axes`.
+
+    Each axis is scaled to 0-1 on its own (min to max; one value: 0.5); a non-numeric axis places its
+    values in sorted order. `value` keeps the text shown in the tooltip.
+    """
+    rows = []
+    for i, axis in enumerate(axes):
+        column = table[axis]
+        numeric = pd.to_numeric(column, errors="coerce")
+        if numeric.notna().all():
+            lo, hi = float(numeric.min()), float(numeric.max())
+            levels = (numeric - lo) / (hi - lo) if hi > lo else numeric * 0 + 0.5
+        else:
+            order = sorted(column.astype(str).unique())
+            levels = column.astype(str).map(lambda v, o=order: o.index(v) / max(1, len(o) - 1))
+        for run, raw, level in zip(table[run_column], column, levels, strict=True):
+            rows.append({"run": run, "axis": axis, "position": i, "value": f"{raw:.4g}" if isinstance(raw, float) else str(raw),
+                         "level": float(level)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["run", "axis", "position", "value", "level"])
+
+
+def parallel_chart(frame: pd.DataFrame, colour: pd.Series, colour_title: str, height: int = 280) -> alt.LayerChart:
+    """Parallel coordinates: one line per run across the axes of `parallel_frame`, coloured by `colour`
+    (run -> number, e.g. best val_loss: the lower, the better)."""
+    data = frame.assign(score=frame["run"].map(colour).astype(float))
+    x = alt.X("axis:N", sort=list(dict.fromkeys(data.sort_values("position")["axis"])), title=None,
+              axis=alt.Axis(labelAngle=0, labelLimit=200))  # fmt: skip
+    y = alt.Y("level:Q", axis=None, scale=alt.Scale(domain=[0, 1]))
+    tooltip = [alt.Tooltip("run:N"), alt.Tooltip("axis:N"), alt.Tooltip("value:N"),
+               alt.Tooltip("score:Q", title=colour_title, format=".5g")]  # fmt: skip
+    colour_enc = alt.Color("score:Q", title=colour_title, scale=alt.Scale(scheme="viridis", reverse=True))
+    lines = alt.Chart(data).mark_line(strokeWidth=2).encode(x=x, y=y, detail="run:N", color=colour_enc, tooltip=tooltip)
+    points = alt.Chart(data).mark_circle(size=60).encode(x=x, y=y, color=colour_enc, tooltip=tooltip)
+    rules = alt.Chart(data).mark_rule(color="#bbb").encode(x=x)
+    return alt.layer(rules, lines, points).properties(height=height)
