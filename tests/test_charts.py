@@ -40,8 +40,9 @@ def test_each_run_keeps_its_colour_on_every_chart():
     for spec in (loss, lr):
         colour = spec["layer"][1]["encoding"]["color"]
         assert colour["scale"]["domain"] == [labels[r] for r in picked]
-        assert colour["scale"]["scheme"] == charts.RUN_PALETTE  # 20 colours: 12 runs stay distinct
+        assert colour["scale"]["range"] == list(charts.RUN_COLOURS)
         assert colour["legend"] is not None  # run names in the legend
+    assert len(set(charts.RUN_COLOURS)) == 20  # 12 runs, 12 different colours
 
 
 def test_hover_names_step_value_and_run():

@@ -16,7 +16,11 @@ import pandas as pd
 
 GIB = 1024**3
 SERIES_COLUMNS = ["series", "x", "value", "smooth", "lo", "hi"]
-RUN_PALETTE = "tableau20"  # Vega's 20-colour categorical scheme
+# Vega's "tableau20" colours with the ten strong ones first: tableau20 pairs each hue with its light tint, so
+# in its own order the first two runs would be blue and light blue. Ten hues, then their tints.
+RUN_COLOURS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#439894", "#b79a20", "#79706e", "#d67195",
+               "#9e765f", "#9ecae9", "#ffbf79", "#88d27a", "#ff9d98", "#d6a5c9", "#83bcb6", "#f2cf5b", "#bab0ac",
+               "#fcbfd2", "#d8b5a5")  # fmt: skip
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:
@@ -130,9 +134,9 @@ def metric_chart(
 
 
 def series_colours(order: Sequence[str]) -> alt.Scale:
-    """One fixed colour per series name, in `order`: a categorical palette of 20 that stays distinguishable
-    for 10+ runs (the Compare page takes at most 12); the same order gives the same colours on every chart."""
-    return alt.Scale(domain=list(order), scheme=RUN_PALETTE)
+    """One fixed colour per series name, in `order`: 20 categorical colours, ten hues first, so 10+ runs stay
+    distinguishable (the Compare page takes at most 12); the same order gives the same colours on every chart."""
+    return alt.Scale(domain=list(order), range=list(RUN_COLOURS))
 
 
 def memory_chart(rows: Sequence[Mapping]) -> alt.Chart:
