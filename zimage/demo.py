@@ -1,4 +1,5 @@
-"""`zimage demo`: the tiny model and a small synthetic dataset, so the studio works with no download."""
+"""`zimage demo`: the tiny model, a small synthetic dataset and a tiny random-weight captioner (labelled as
+such), so every page of the studio works with no download."""
 
 from __future__ import annotations
 
@@ -65,8 +66,11 @@ def write_demo_dataset(target: Path, count: int = 16, seed: int = 0) -> bool:
 
 def prepare_demo(settings: Settings) -> dict[str, bool]:
     """Idempotent: a second call writes nothing."""
+    from zimage.captioning.tiny import DEMO_CAPTIONER, write_demo_captioner
+
     settings.ensure()
     return {
         "model": write_tiny_model(settings.base_models_dir / TINY_MODEL_NAME),
         "dataset": write_demo_dataset(settings.datasets_dir / DEMO_DATASET),
+        "captioner": write_demo_captioner(settings.captioners_dir / DEMO_CAPTIONER),
     }

@@ -52,7 +52,11 @@ DEFAULT_CAPTIONER = "florence-2-base"
 ALIASES = {
     "microsoft/Florence-2-base": "florence-2-base",
     "microsoft/Florence-2-large": "florence-2-large",
+    "blip": "blip-base",
+    "florence-2": "florence-2-base",
 }
+MARKER = "zimage_captioner.json"  # written next to a downloaded or built model: where it came from, its title
+PROBE_TIMEOUT_S = 1.5  # one connection attempt to the hub, no retries, before a download is tried
 
 
 class CaptionerError(UserError):
@@ -131,15 +135,66 @@ def resolve_captioner(name_or_path: str, settings: Settings) -> tuple[str, Path]
     else:
         folder = _folder_for(name_or_path, settings)
         if missing_files(folder):
-            shown = entry.name if entry else name_or_path
-            raise CaptionerError(
-                f"model: {shown} is not downloaded yet; run `zimage caption --download {shown}` "
-                f"(it goes to {folder}), or tick 'download if missing'."
-            )
+            cached = hub_cache_snapshot(entry.repo_id if entry else name_or_path)
+            if cached is None:
+                shown = entry.name if entry else name_or_path
+                raise CaptionerError(
+                    f"model: {shown} is not downloaded yet; run `zimage models download {shown}` "
+                    f"(it goes to {folder}), or tick 'download if missing'."
+                )
+            folder = cached
     missing = missing_files(folder)
     if missing:
         raise CaptionerError(f"model: {folder} is incomplete: missing {', '.join(missing)}")
     return model_family(folder), folder
+
+
+def hub_cache_snapshot(repo_id: str) -> Path | None:
+    """A complete copy of `repo_id` in the Hugging Face cache (HF_HOME / HF_HUB_CACHE), found by reading the
+    cache folder only (no network): the snapshot `main` points at, else the newest complete one."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    if not _REPO_ID.match(repo_id or ""):
+        return None
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    main = (repo / "refs" / "main").read_text().strip() if (repo / "refs" / "main").is_file() else ""
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: (p.name != main, -p.stat().st_mtime))
+    return next((p for p in found if not missing_files(p)), None)
+
+
+def not_downloaded(name_or_repo: str, why: str = "") -> CaptionerError:
+    """The message for a captioner that is neither in models/captioners nor in the hub cache, on a host
+    that cannot download it."""
+    entry = known_captioner(name_or_repo)
+    title = entry.title.split()[0] if entry else name_or_repo  # "BLIP", "Florence-2"
+    shown = entry.name if entry else name_or_repo
+    return CaptionerError(
+        f"{title} is not downloaded; run `zimage models download {shown}` where there is network, or set HF_HOME "
+        f"to a cache that has it ({entry.repo_id if entry else name_or_repo}){f'. {why}' if why else ''}"
+    )
+
+
+def hub_unreachable() -> str:
+    """Why the hub cannot be reached right now ('' when it can): HF_HUB_OFFLINE, or one connection attempt
+    that fails within PROBE_TIMEOUT_S (huggingface_hub itself retries a dead network for ~25 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set on this host"
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} cannot be reached from this host ({exc.strerror or type(exc).__name__})"
+    return ""
 
 
 def safetensors_revision(repo_id: str) -> str | None:
@@ -183,6 +238,8 @@ def download_captioner(name_or_repo: str, settings: Settings, progress: Callable
     folder = _folder_for(name_or_repo, settings)
     if not missing_files(folder):
         return folder
+    if why := hub_unreachable():
+        raise not_downloaded(name_or_repo, why)
     existed = folder.exists()
     try:
         revision = safetensors_revision(repo_id)
@@ -200,7 +257,7 @@ def download_captioner(name_or_repo: str, settings: Settings, progress: Callable
     if missing:
         raise CaptionerError(f"{repo_id} downloaded but lacks {', '.join(missing)} (only safetensors are fetched)")
     model_family(folder)
-    (folder / "zimage_captioner.json").write_text(json.dumps({"repo_id": repo_id, "revision": revision}) + "\n")
+    (folder / MARKER).write_text(json.dumps({"repo_id": repo_id, "revision": revision}) + "\n")
     return folder
 
 
@@ -232,22 +289,55 @@ def check_captioner(name_or_path: str, settings: Settings, allow_download: bool 
     except CaptionerError as exc:
         if not (allow_download and "not downloaded yet" in str(exc)):
             raise
+        if why := hub_unreachable():  # say so now, not after the job has queued and retried for half a minute
+            raise not_downloaded(name_or_path.strip(), why) from None
     return name_or_path.strip()
 
 
+def _marker(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def local_captioners(settings: Settings) -> dict[str, str]:
+    """Folder name -> title of complete captioner folders under models/captioners that are not catalogue
+    entries (a model copied in by hand, the demo's tiny random-weight BLIP)."""
+    known_names = {e.name for e in KNOWN_CAPTIONERS}
+    root = settings.captioners_dir
+    if not root.is_dir():
+        return {}
+    out = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name not in known_names and not missing_files(folder):
+            out[folder.name] = str(_marker(folder).get("title") or folder.name)
+    return out
+
+
 def captioner_rows(settings: Settings) -> list[dict]:
-    """The catalogue with what is on disk, for tables."""
+    """The catalogue with what is here (models/captioners or the hub cache), then other local folders."""
     rows = []
     for e in KNOWN_CAPTIONERS:
         folder = settings.captioners_dir / e.name
+        if not missing_files(folder):
+            status = "ready"
+        elif cached := hub_cache_snapshot(e.repo_id):
+            status = f"ready (HF cache: {cached.parent.parent.name})"
+        else:
+            status = "not downloaded"
         rows.append(
-            {
-                "name": e.name,
-                "model": e.title,
-                "size": e.size,
-                "status": "ready" if not missing_files(folder) else "not downloaded",
-                "source": e.repo_id,
-                "about": e.description,
-            }
-        )
+            {"name": e.name, "model": e.title, "size": e.size, "status": status, "source": e.repo_id,
+             "about": e.description}
+        )  # fmt: skip
+    for name, title in local_captioners(settings).items():
+        about = _marker(settings.captioners_dir / name).get("about", "")
+        rows.append({"name": name, "model": title, "size": "", "status": "ready", "source": "local", "about": about})
     return rows
+
+
+def captioner_choices(settings: Settings) -> dict[str, str]:
+    """Name -> label of every captioner a person can pick: the catalogue, then local folders."""
+    labels = {e.name: f"{e.title} ({e.size})" for e in KNOWN_CAPTIONERS}
+    return labels | local_captioners(settings)

@@ -156,3 +156,26 @@ def write_tiny_blip(target: Path, seed: int = 0) -> bool:
 def write_tiny_florence2(target: Path, seed: int = 0) -> bool:
     """Write the tiny Florence-2 folder; False if it was already there."""
     return _write(target, build_tiny_florence2, seed)
+
+
+DEMO_CAPTIONER = "tiny-blip-demo"
+DEMO_CAPTIONER_TITLE = "Tiny BLIP, random weights (demo only: its captions are gibberish)"
+
+
+def write_demo_captioner(target: Path, seed: int = 0) -> bool:
+    """The demo home's offline captioner: the tiny random-weight BLIP, labelled as such (models/captioners/
+    tiny-blip-demo/zimage_captioner.json), so the Captioning page runs end to end with no download.
+    False if it was already there."""
+    import json
+
+    from zimage.captioning.models import MARKER
+    from zimage.tiny import write_folder_atomically
+
+    def fill(tmp: Path) -> None:
+        model, processor = build_tiny_blip(seed)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        about = "Built offline by `zimage demo`; shows the captioning plumbing, not real captions."
+        (tmp / MARKER).write_text(json.dumps({"title": DEMO_CAPTIONER_TITLE, "about": about, "demo": True}) + "\n")
+
+    return write_folder_atomically(target, "config.json", fill)

@@ -78,3 +78,27 @@ def open_rgb(path: Path | str, min_side: int = 0) -> Image.Image:
     if min(rgb.size) < min_side:
         raise ImageProblem(f"{path.name}: {rgb.size[0]}x{rgb.size[1]} is smaller than {min_side} px on a side")
     return rgb
+
+
+# -- perceptual fingerprints (near-duplicate images) ---------------------------------------------
+FINGERPRINT_BITS = 192  # a 64-bit difference hash per colour channel
+
+
+def fingerprint(rgb: Image.Image) -> tuple[int, bytes]:
+    """(difference hash, 8x8 colour thumbnail) of an RGB image: the same picture resized, re-encoded or
+    slightly retouched gives (almost) the same pair. The hash (per channel: is each pixel of a 9x8
+    shrink brighter than its right neighbour) sees the structure; the thumbnail tells apart images whose
+    structure is the same, such as two flat colours."""
+    small = rgb.resize((9, 8), Image.Resampling.BOX)
+    bits = 0
+    for channel in small.split():
+        px = list(channel.getdata())
+        for row in range(8):
+            for col in range(8):
+                bits = (bits << 1) | (px[row * 9 + col] > px[row * 9 + col + 1])
+    return bits, rgb.resize((8, 8), Image.Resampling.BOX).tobytes()
+
+
+def fingerprint_distance(a: tuple[int, bytes], b: tuple[int, bytes]) -> tuple[int, float]:
+    """(differing hash bits, mean absolute thumbnail difference in 0-255 levels)."""
+    return (a[0] ^ b[0]).bit_count(), sum(abs(x - y) for x, y in zip(a[1], b[1], strict=True)) / len(a[1])

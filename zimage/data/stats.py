@@ -78,11 +78,28 @@ class DatasetStats:
     unreadable: list[str] = field(default_factory=list)
     resolutions: dict[str, int] = field(default_factory=dict)  # "WxH" -> images
     buckets: dict[str, int] = field(default_factory=dict)  # "WxH" bucket at the dataset resolution -> images
+    below: dict[str, int] = field(default_factory=dict)  # bucket -> images smaller than it (upscaled in training)
     caption_words: list[int] = field(default_factory=list)
     caption_length_bins: dict[str, int] = field(default_factory=dict)  # "6-15 words" -> captions
 
     def table(self, counts: dict[str, int], label: str) -> list[dict]:
         return [{label: k, "images": v} for k, v in counts.items()]
+
+    def bucket_rows(self) -> list[dict]:
+        """Per training bucket (largest first): its images and how many of them are below it (upscaled)."""
+        return [
+            {"bucket": b, "images": n, "below training size": self.below.get(b, 0)} for b, n in self.buckets.items()
+        ]
+
+
+def size_key(label: str) -> tuple[int, int]:
+    """Sort key of a "WxH" label: by pixel count, then width (so a chart of sizes reads small to large)."""
+    w, _, h = label.partition("x")
+    return (int(w) * int(h), int(w)) if w.isdigit() and h.isdigit() else (0, 0)
+
+
+def by_size(counts: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: size_key(kv[0])))
 
 
 def _bin_label(lo: int, hi: int) -> str:
@@ -95,7 +112,7 @@ def dataset_stats(folder: DatasetFolder, facts: list[ImageFacts] | None = None) 
     info = folder.read_info()
     facts = image_facts(folder) if facts is None else facts
     stats = DatasetStats(resolution=info.resolution, images=len(facts))
-    sizes, bucket_counts = Counter(), Counter()
+    sizes, bucket_counts, below = Counter(), Counter(), Counter()
     for f in facts:
         if f.caption is None:
             stats.uncaptioned.append(f.name)
@@ -108,8 +125,11 @@ def dataset_stats(folder: DatasetFolder, facts: list[ImageFacts] | None = None) 
         sizes[f"{f.width}x{f.height}"] += 1
         bw, bh = bucket_at(f.width, f.height, info.resolution)
         bucket_counts[f"{bw}x{bh}"] += 1
-    stats.resolutions = dict(sizes.most_common())
-    stats.buckets = dict(sorted(bucket_counts.items(), key=lambda kv: -kv[1]))
+        if max(bw / f.width, bh / f.height) > 1.0:  # the trainer scales it up to cover the bucket
+            below[f"{bw}x{bh}"] += 1
+    stats.resolutions = by_size(sizes)
+    stats.buckets = by_size(bucket_counts)
+    stats.below = dict(below)
     for lo, hi in CAPTION_LENGTH_BINS:
         stats.caption_length_bins[_bin_label(lo, hi)] = sum(1 for n in stats.caption_words if lo <= n <= hi)
     return stats

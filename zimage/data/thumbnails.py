@@ -2,6 +2,10 @@
 
 A thumbnail's file name carries a hash of the image's name and one of its size + modification time,
 so a replaced or edited image gets a new thumbnail and only its own stale one is removed.
+
+Grids (the dataset gallery, the sample gallery, the compare grid) show square *tiles*: the whole image
+shrunk to fit, letterboxed on a plain background, so every cell has the same shape and no image is ever
+stretched or cropped differently from its neighbours.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from zimage.data.images import ImageProblem, open_rgb
 from zimage.fsio import atomic_path
 
 THUMB_SIZE = 256
+TILE_BACKGROUND = (38, 39, 48)  # the letterbox bars: close to the dark theme's background
 
 
 def _name_key(image_name: str) -> str:
@@ -38,18 +43,37 @@ def drop_thumbnails(folder: DatasetFolder, image_name: str) -> None:
         path.unlink(missing_ok=True)
 
 
-def thumbnail(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE) -> Path | None:
-    """Path of a JPEG thumbnail (longest side `size`) of `image`, made once; None if it cannot be decoded."""
+def thumbnail(folder: DatasetFolder, image: Path, size: int = THUMB_SIZE, tile: bool = False) -> Path | None:
+    """Path of a JPEG thumbnail (longest side `size`; with `tile` a letterboxed size x size square) of `image`,
+    made once; None if it cannot be decoded."""
     image = Path(image)
     target = thumbnail_path(folder, image, size)
+    if tile:
+        target = target.with_name(target.stem + "-tile.jpg")
     if target.exists():
         return target
-    drop_thumbnails(folder, image.name)  # the old version of this image, if any
-    return write_thumbnail(image, target, size)
+    for old in thumbnails_dir(folder).glob(f"{_name_key(image.name)}-*.jpg"):  # older versions of this image
+        if old.name.split("-")[1] != target.name.split("-")[1]:
+            old.unlink(missing_ok=True)
+    return write_thumbnail(image, target, size, tile=tile)
 
 
-def write_thumbnail(image: Path, target: Path, size: int = THUMB_SIZE, quality: int = 85) -> Path | None:
-    """Decode `image`, shrink it to `size` on its longest side and write a JPEG atomically to `target`.
+def letterbox(rgb: Image.Image, size: int = THUMB_SIZE, background=TILE_BACKGROUND) -> Image.Image:
+    """The whole image shrunk (never enlarged, never stretched) to fit a square, centred on `background`; the
+    square's side is `size`, or the image's longer side when that is smaller."""
+    side = min(size, max(rgb.size))
+    rgb = rgb.copy()
+    rgb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    tile = Image.new("RGB", (side, side), background)
+    tile.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+    return tile
+
+
+def write_thumbnail(
+    image: Path, target: Path, size: int = THUMB_SIZE, quality: int = 85, tile: bool = False
+) -> Path | None:
+    """Decode `image`, shrink it to `size` on its longest side (with `tile`: letterboxed into a square)
+    and write a JPEG atomically to `target`.
 
     None if the image cannot be decoded (the caller shows a placeholder).
     """
@@ -57,7 +81,10 @@ def write_thumbnail(image: Path, target: Path, size: int = THUMB_SIZE, quality: 
         rgb = open_rgb(image)
     except ImageProblem:
         return None
-    rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if tile:
+        rgb = letterbox(rgb, size)
+    else:
+        rgb.thumbnail((size, size), Image.Resampling.LANCZOS)
     with atomic_path(target, fsync=False) as tmp:  # a thumbnail is rebuilt if lost: no fsync
         rgb.save(tmp, format="JPEG", quality=quality)
     return target
@@ -87,7 +114,7 @@ def gallery_page(
     page = min(max(1, int(page)), pages)
     out: list[tuple[str, str | Image.Image]] = []
     for item in items[(page - 1) * per_page : page * per_page]:
-        thumb = thumbnail(folder, item.image, size)
+        thumb = thumbnail(folder, item.image, size, tile=True)
         out.append((item.image.name, str(thumb) if thumb else placeholder(size)))
     return out, pages
 
