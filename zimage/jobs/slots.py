@@ -3,7 +3,7 @@
 Configured by the environment of the scheduler process (the app or `zimage worker`), else by the home's
 settings.toml (`[scheduler] gpus = "0,1"`, `jobs_per_gpu = 2`):
     ZIMAGE_GPUS          "0,1,3" (GPU ids to use), or "none" for CPU only; default: CUDA_VISIBLE_DEVICES
-                         if set, else the GPUs `nvidia-smi -L` lists, else CPU only
+                         if set, else the GPUs NVML (or `nvidia-smi -L`) lists, else CPU only
     ZIMAGE_JOBS_PER_GPU  jobs sharing one GPU (default 1)
 A CPU-only host runs one job at a time. A worker gets CUDA_VISIBLE_DEVICES naming its GPUs (empty on a
 CPU-only host, so a stray CUDA library finds none).
@@ -40,6 +40,16 @@ class SlotConfig:
         return f"GPUs {','.join(self.gpu_ids)} x {self.jobs_per_gpu} job(s) each"
 
 
+def _detected_ids() -> list[str]:
+    """The GPU indices NVML lists (no CUDA context: the scheduler runs inside the app), else nvidia-smi's."""
+    from zimage.system import gpu_report
+
+    report = gpu_report()
+    if report.gpus:
+        return [str(g.index) for g in report.gpus]
+    return _nvidia_smi_ids()
+
+
 def _nvidia_smi_ids() -> list[str]:
     exe = shutil.which("nvidia-smi")
     if not exe:
@@ -74,7 +84,7 @@ def slot_config(
         if visible is not None:
             ids = _parse_ids(visible, "CUDA_VISIBLE_DEVICES") if visible.strip() not in ("", "-1") else ()
         else:
-            ids = tuple(_nvidia_smi_ids())
+            ids = tuple(_detected_ids())
     if jobs_per_gpu is None:
         raw = os.environ.get("ZIMAGE_JOBS_PER_GPU", str(home.jobs_per_gpu if home is not None else 1))
         try:
