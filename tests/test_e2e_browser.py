@@ -1,8 +1,10 @@
 """End to end in a real browser: the real app server on a free port, Debian's headless Chromium driven by
-Playwright. Create a dataset from the demo images on the Datasets page, launch two tiny `quick_test` runs
-from the Train page (the app's own scheduler runs them), watch one finish on the Runs page, compare both
-on the Compare page with a test grid rendered by a background job, and save a screenshot of each screen
-(also to $ZIMAGE_SCREENSHOTS_DIR when set)."""
+Playwright. Create a dataset from 4 demo images on the Datasets page (and a bad file, refused), give every
+caption a prefix with a trailing space, launch a tiny `quick_test` run from the Train page (the app's own
+scheduler runs it), go to Runs and back by the sidebar and find the form as it was, launch a second run,
+watch the Runs table show it `completed` without a reload, see its sample, compare both runs (one colour
+each) with a test grid rendered by a background job, walk every page after a failed and a lost run and find
+no traceback, and save a screenshot of each screen (also to $ZIMAGE_SCREENSHOTS_DIR when set)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from browser_support import CHROMIUM_ARGS, chromium_path, streamlit_server
 
 from zimage.runfolder import read_json
+from zimage.views.charts import RUN_COLOURS
 
 pytestmark = pytest.mark.slow
 playwright_api = pytest.importorskip(
@@ -26,6 +29,7 @@ if chromium_path() is None:
     pytest.skip("Debian's chromium is not installed (bash scripts/install_browser.sh)", allow_module_level=True)
 
 STEPS = 4  # each tiny run: a few steps at 256 px, so both finish in well under a minute on 2 CPU cores
+LONGER = 12  # the second run: still running when the Runs page opens, so the table is seen to change by itself
 WAIT_MS = 120_000
 
 
@@ -54,7 +58,9 @@ def demo_images(tmp_path) -> list[Path]:
     """The demo dataset's images and captions, as files a person would upload."""
     from zimage.demo import write_demo_dataset
 
-    write_demo_dataset(tmp_path / "demo-src", count=8)
+    write_demo_dataset(tmp_path / "demo-src", count=4)
+    bad = tmp_path / "demo-src" / "images" / "broken.png"
+    bad.write_bytes(b"this is not a PNG")  # a bad upload: refused with the reason, nothing else changes
     return sorted((tmp_path / "demo-src" / "images").iterdir())
 
 
@@ -80,6 +86,7 @@ def settle(page, timeout: float = 20.0) -> None:
 
 
 def fill_number(page, label: str, value: str, shown: str | None = None) -> None:
+    settle(page)
     box = page.get_by_label(label, exact=True)
     box.fill(value)
     box.press("Enter")
@@ -89,10 +96,56 @@ def fill_number(page, label: str, value: str, shown: str | None = None) -> None:
 
 def open_group(page, title: str) -> None:
     """Open the Train form's expander `title` unless it is open already."""
+    settle(page)
     details = page.locator("details", has=page.locator("summary", has_text=title)).first
     if details.get_attribute("open") is None:
         details.locator("summary").click()
         page.wait_for_timeout(300)
+
+
+def sidebar_link(page, name: str):
+    """The page's link in the sidebar navigation (following it keeps the browser session; goto would not)."""
+    return page.locator("[data-testid='stSidebarNav'] a").filter(has_text=name).first
+
+
+def chart_colours(chart, path: Path) -> dict[str, int]:
+    """How many pixels of the chart's screenshot are (nearly) each of the first two run colours."""
+    from PIL import Image
+
+    chart.screenshot(path=str(path))
+    pixels = list(Image.open(path).convert("RGB").getdata())
+    out = {}
+    for colour in RUN_COLOURS[:2]:
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        out[colour] = sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, rgb, strict=True)) < 24)
+    return out
+
+
+def failed_and_lost_runs(settings) -> tuple[str, str]:
+    """A run whose worker (the tests' support worker, a real process) raised, and one whose worker died."""
+    import socket
+    import subprocess
+    import sys
+
+    from zimage.runfolder import RunFolder
+
+    failed = RunFolder(settings.runs_dir / "20261203-100000-fails")
+    failed.path.mkdir(parents=True)
+    failed.write_config({"steps": 5, "fail_at": 2, "interval": 0.01})
+    failed.update_status(state="starting", kind="train", user="e2e", name="fails", created=time.time())
+    with open(failed.log_path, "ab") as log:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("support_worker.py")), "--run-dir",
+                        str(failed.path)], env=dict(os.environ, ZIMAGE_HOME=str(settings.home)), stdout=log,
+                       stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
+    assert failed.read_status()["state"] == "failed"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lost = RunFolder(settings.runs_dir / "20261203-100100-dies")
+    lost.path.mkdir(parents=True)
+    lost.write_config({"model_path": "tiny-zimage", "dataset_path": "e2e-shapes", "output_name": "dies"})
+    lost.update_status(state="running", kind="train", user="e2e", name="dies", pid=dead.pid, pid_start_time=1.0,
+                       host=socket.gethostname(), heartbeat=time.time() - 60, step=2, total_steps=10)  # fmt: skip
+    return failed.path.name, lost.path.name
 
 
 def launch(page) -> str:
@@ -100,7 +153,12 @@ def launch(page) -> str:
     settle(page)
     page.get_by_role("button", name="Launch").click()
     note = page.get_by_text(re.compile(r"Queued run \S+: position \d")).first
-    note.wait_for(timeout=30_000)
+    try:
+        note.wait_for(timeout=30_000)
+    except Exception:
+        raise AssertionError(
+            "no 'Queued run' after Launch; the page says:\n" + page.inner_text("body")[-3000:]
+        ) from None
     return re.search(r"Queued run (\S+):", note.inner_text()).group(1)
 
 
@@ -124,11 +182,24 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         page.locator("input[type=file]").first.set_input_files([str(p) for p in demo_images])
         page.get_by_text(demo_images[-1].name).first.wait_for()
         page.get_by_role("button", name="Add to dataset").click()
-        page.get_by_text(re.compile(r"8 image\(s\) added, 8 with caption")).first.wait_for(state="attached")
+        page.get_by_text(re.compile(r"4 image\(s\) added, 4 with caption, 1 refused")).first.wait_for(state="attached")
         images = home.datasets_dir / "e2e-shapes" / "images"
-        assert len(list(images.glob("*.png"))) == 8 and len(list(images.glob("*.txt"))) == 8
+        assert len(list(images.glob("*.png"))) == 4 and len(list(images.glob("*.txt"))) == 4
         settle(page)
         shot(page, "datasets", shots)
+
+        # ... every caption gets a prefix that ends in a space, exactly as typed (previewed first)
+        page.get_by_role("tab", name="Bulk edit").click()
+        page.get_by_label("Add prefix").fill("photo of sks, ")
+        page.get_by_label("Add prefix").press("Enter")
+        settle(page)
+        page.get_by_text("photo of sks, zshape, a red circle").first.wait_for(state="attached")  # the preview
+        before = {p.name: p.read_text() for p in images.glob("*.txt")}
+        assert all(not t.startswith("photo of sks") for t in before.values())  # a preview writes nothing
+        page.get_by_role("button", name="Apply").click()
+        page.get_by_text("4 caption(s) changed").wait_for()
+        after = {p.name: p.read_text().strip() for p in images.glob("*.txt")}
+        assert after == {n: "photo of sks, " + t.strip() for n, t in before.items()}
 
         # 2. Train: quick_test on the tiny model, tiny settings, launched twice (the second: rank 4, lr 0.02)
         page.goto(f"{url}/Train")
@@ -138,13 +209,28 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         fill_number(page, "Steps", str(STEPS))
         fill_number(page, "Resolution", "256")
         first = launch(page)
+
+        # Away to Runs and back by the sidebar (the same browser session): the form is as it was and usable
+        sidebar_link(page, "Runs").click()
+        page.get_by_text("Search").first.wait_for()
+        settle(page)
+        sidebar_link(page, "Train").click()
+        settle(page)
+        open_group(page, "Training")
+        assert page.get_by_label("Steps", exact=True).input_value() == str(STEPS)
+        open_group(page, "Basic")
+        assert page.get_by_label("Resolution", exact=True).input_value() == "256"
+        assert page.get_by_label("Steps", exact=True).is_enabled()
+        assert "created with a default value" not in page.inner_text("body")
+        open_group(page, "Training")
+        fill_number(page, "Steps", str(LONGER))
         open_group(page, "LoRA")
         fill_number(page, "Rank (dim)", "4")
         open_group(page, "Training")
         fill_number(page, "Learning rate", "0.02", shown="2.00e-2")
         second = launch(page)
         config = read_json(home.runs_dir / second / "config.json")
-        assert (config["lora_rank"], config["learning_rate"], config["num_steps"]) == (4, 0.02, STEPS)
+        assert (config["lora_rank"], config["learning_rate"], config["num_steps"]) == (4, 0.02, LONGER)
         shot(page, "train", shots)
 
         # Links between pages keep the browser session: the name typed on Train is still there on Compare,
@@ -163,10 +249,16 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         page.get_by_text(second).first.wait_for(state="attached")  # dataframe cells live on a canvas
         shot(page, "home", shots)
 
-        # 4. Runs: watch the second run (queued behind the first) until it completes
+        # 4. Runs: the table follows the second run (queued behind the first) to `completed` by itself: no reload
         page.goto(f"{url}/Runs?run={second}")
-        page.get_by_text(f"step {STEPS} / {STEPS} (100%) · completed").wait_for(timeout=WAIT_MS)
+        row = page.locator("[data-testid='stDataFrame'] tr").filter(has_text=second)
+        row.first.wait_for(state="attached")
+        assert "completed" not in row.first.text_content()  # still queued or running when the page was drawn
+        row.filter(has_text="completed").first.wait_for(state="attached", timeout=WAIT_MS)
+        page.get_by_text(f"step {LONGER} / {LONGER} (100%) · completed").wait_for(timeout=WAIT_MS)
         page.locator(".vega-embed").first.wait_for()  # the Altair charts
+        page.get_by_text("Samples", exact=True).wait_for()  # quick_test draws a sample: a first run shows it
+        page.locator("[data-testid='stImage'] img").first.wait_for()
         assert read_json(home.runs_dir / first / "status.json")["state"] == "completed"
         assert (home.loras_dir / "quick_test.safetensors").is_file()
         assert (home.loras_dir / "quick_test-2.safetensors").is_file()
@@ -174,9 +266,12 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
 
         # 5. Compare: both runs, the settings that differ, overlaid curves
         page.goto(f"{url}/Compare?runs={first},{second}")
-        page.get_by_text("Settings that differ").wait_for()
+        page.get_by_text("Settings that differ", exact=True).wait_for()
         page.get_by_text("lora_rank").first.wait_for(state="attached")  # dataframe cells live on a canvas
         page.locator(".vega-embed").first.wait_for()
+        settle(page)
+        drawn = chart_colours(page.locator(".vega-embed").first, tmp_path / "curves.png")
+        assert drawn[RUN_COLOURS[0]] > 30 and drawn[RUN_COLOURS[1]] > 30, drawn  # two runs, two colours
         # ... and a test grid of both LoRAs at strengths 0 and 1, rendered by a background job
         page.get_by_label("Your name (recorded on the jobs you start)").fill("e2e")
         page.get_by_label("Your name (recorded on the jobs you start)").press("Enter")
@@ -190,6 +285,20 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         assert read_json(grid_dir / "status.json")["state"] == "completed"
         assert len(list((grid_dir / "cells").glob("*.png"))) == 4
         shot(page, "compare", shots, height=2300)
+
+        # 6. A failed run (a real worker's exception) and a lost one: every page names the problem, none shows a
+        # traceback
+        failed, lost = failed_and_lost_runs(home)
+        for path in ("", "/Datasets", "/Captioning", "/Train", f"/Runs?run={failed}", f"/Runs?run={lost}",
+                     f"/Compare?runs={failed},{lost}"):  # fmt: skip
+            page.goto(f"{url}{path}")
+            page.locator("[data-testid='stMain']").wait_for()
+            settle(page)
+            text = page.inner_text("body")
+            for bad in ("Traceback (most recent call last)", 'File "'):
+                assert bad not in text, f"{path}: {bad!r} on the page"
+            if path.endswith(failed):
+                assert "support worker failure at step 2" in text
         browser.close()
     server_log = log.read_text(errors="replace")  # the server has stopped: its whole life is in the log
     for bad in ("Traceback", "interpreter shutdown", "terminate called"):
