@@ -7,8 +7,9 @@ from zimage.catalogue import list_models
 from zimage.data.manage import dataset_rows
 from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
-from zimage.system import disk_usage, gpus
-from zimage.views import home, keep_user_name, open_registry, shown_errors
+from zimage.system import disk_usage, gpu_report
+from zimage.views import home, keep_user_name, open_registry, page_link, shown_errors
+from zimage.views.auth import page_actor, show_activity
 from zimage.views.format import damaged_lines
 
 st.set_page_config(page_title="Z-Image LoRA Studio", page_icon="🎨", layout="wide")
@@ -16,15 +17,29 @@ keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)  # ingest run folders and start queued jobs while the app runs
 
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 st.title("Z-Image LoRA Studio")
 st.caption(f"Data home: `{settings.home}`")
+with shown_errors(st.warning):
+    show_activity(st, settings, actor)  # the no-login banner; the admins' record of every action
 
 st.subheader("Machine")
-devices = gpus()
-if devices:
-    st.dataframe(home.gpu_rows(devices), hide_index=True, key="home_gpus")
-else:
-    st.info("CPU only: no CUDA GPU found. Training runs on the CPU (fine for the tiny demo model).")
+
+
+@st.fragment(run_every=5)
+def machine() -> None:
+    """Each GPU (NVML: no CUDA context in the app) with the job holding it, its memory and utilisation."""
+    report = gpu_report()
+    if not report.gpus:
+        st.info(home.no_gpu_text(report))
+        return
+    active = None  # the GPUs are listed even when the registry cannot say which job holds them
+    with shown_errors(st.warning):
+        active = registry.list_runs(open_registry(settings), state=list(ACTIVE_STATES), limit=100)
+    st.dataframe(home.gpu_rows(report.gpus, active), hide_index=True, key="home_gpus")
+
+
+machine()
 for col, (label, size) in zip(st.columns(5), home.disk_rows(disk_usage(settings)), strict=False):
     col.metric(f"Disk: {label.lower()}" if label != "Free" else "Disk: free", size)
 
@@ -58,6 +73,7 @@ if loras:
     st.dataframe(loras, hide_index=True, key="home_loras", column_config={"path": None})
 else:
     st.caption("No trained LoRA yet: start one on the Train page.")
+page_link(st, "pages/6_LoRAs.py", "All LoRAs and fine-tunes: details, merge, push, delete", {})
 
 st.subheader("Base models")
 models = list_models(settings)

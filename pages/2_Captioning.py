@@ -3,13 +3,14 @@
 import streamlit as st
 
 from zimage import jobs
-from zimage.captioning.models import KNOWN_CAPTIONERS, captioner_rows, check_captioner, known_captioner
+from zimage.captioning.models import captioner_choices, captioner_rows, check_captioner, known_captioner
 from zimage.captioning.worker import caption_config, caption_runs
 from zimage.data.manage import dataset_rows
 from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.users import current_user
 from zimage.views import keep_user_name
+from zimage.views.auth import page_actor
 
 st.set_page_config(page_title="Captioning", page_icon="📝", layout="wide")
 keep_user_name(st.session_state)
@@ -18,8 +19,9 @@ jobs.ensure_scheduler(settings)  # queued jobs start even when nobody opened Hom
 ss = st.session_state
 st.title("Captioning")
 
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 login = st.user.to_dict()
-if not login.get("is_logged_in"):
+if actor.mode == "none" and not login.get("is_logged_in"):
     st.sidebar.text_input("Your name (recorded on the jobs you start)", key="user_name")
 
 rows = {r["name"]: r for r in dataset_rows(settings)}
@@ -32,11 +34,15 @@ st.caption(f"{row['images']} images, {row['captioned']} captioned, trigger word:
 
 with st.expander("Captioning models"):
     st.dataframe(captioner_rows(settings), hide_index=True, key="cap_models")
-choices = [e.name for e in KNOWN_CAPTIONERS] + ["other"]
-labels = {e.name: f"{e.title} ({e.size})" for e in KNOWN_CAPTIONERS} | {"other": "Other: hub id or model folder"}
-choice = st.selectbox("Model", choices, format_func=labels.get, key="cap_model", persist_state="session")
-model = (st.text_input("Hub id or folder", key="cap_model_custom", persist_state="session").strip()
-         if choice == "other" else choice)
+labels = captioner_choices(settings) | {"other": "Other: hub id or model folder"}  # the demo's tiny BLIP too
+choices, ready = list(labels), [r["name"] for r in captioner_rows(settings) if r["status"].startswith("ready")]
+choice = st.selectbox("Model", choices, choices.index(ready[0]) if ready else 0, format_func=labels.get,
+                      key="cap_model", persist_state="session")  # fmt: skip
+model = (
+    st.text_input("Hub id or folder", key="cap_model_custom", persist_state="session").strip()
+    if choice == "other"
+    else choice
+)
 entry = known_captioner(model) if model else None
 c1, c2 = st.columns(2)
 detail = c1.radio("Detail", ["short", "detailed", "paragraph"], horizontal=True, key="cap_detail", persist_state="session",
@@ -51,8 +57,12 @@ with st.expander("Advanced"):
     a1, a2, a3 = st.columns(3)
     batch = a1.number_input("Batch size", 1, 64, 4, key="cap_batch", persist_state="session")
     beams = a2.number_input("Beams", 1, 16, 3, key="cap_beams", persist_state="session")
-    max_tokens = a3.number_input("Max new tokens (0: by detail)", 0, 1024, 0, key="cap_max_tokens", persist_state="session")
-    download = st.checkbox("Download the model if it is not here yet", True, key="cap_download", persist_state="session")
+    max_tokens = a3.number_input(
+        "Max new tokens (0: by detail)", 0, 1024, 0, key="cap_max_tokens", persist_state="session"
+    )
+    download = st.checkbox(
+        "Download the model if it is not here yet", True, key="cap_download", persist_state="session"
+    )
 
 if st.button("Start captioning", type="primary", key="cap_start"):
     try:
@@ -63,7 +73,7 @@ if st.button("Start captioning", type="primary", key="cap_start"):
             dataset=name, model=check_captioner(model, settings, download), detail=detail, mode=mode, trigger_prefix=trigger, prompt=prompt,
             batch_size=int(batch), num_beams=int(beams), max_new_tokens=int(max_tokens) or None, download=download,
         )  # fmt: skip
-        run_id = jobs.enqueue(settings, "caption", config, user=user, name=f"caption-{name}")
+        run_id = jobs.enqueue(settings, "caption", config, user=user, name=f"caption-{name}", actor=actor)
         st.success(f"Queued captioning job {run_id}; progress below. Review the captions on the Datasets page.")
     except UserError as exc:
         st.error(str(exc))
@@ -90,7 +100,7 @@ def show_runs() -> None:
             st.dataframe(status["errors"], hide_index=True, key=f"errors_{run['run_id']}")
         if state in ("queued", "starting", "running", "paused") and st.button("Stop", key=f"stop_{run['run_id']}"):
             try:
-                st.info(jobs.control(settings, run["run_id"], "stop"))
+                st.info(jobs.control(settings, run["run_id"], "stop", actor=actor))
             except UserError as exc:
                 st.error(str(exc))
 

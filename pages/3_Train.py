@@ -11,6 +11,7 @@ from zimage.users import current_user
 from zimage.views import charts, keep_user_name, open_registry, page_link, presets, shown_errors
 from zimage.views import launch as lv
 from zimage.views import train_form as tf
+from zimage.views.auth import page_actor
 from zimage.views.memory import memory_view
 from zimage.views.runs import run_label
 
@@ -20,8 +21,9 @@ settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
 st.title("Train")
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 login = st.user.to_dict()
-if not login.get("is_logged_in"):
+if actor.mode == "none" and not login.get("is_logged_in"):
     st.sidebar.text_input("Your name (recorded on the runs you start)", key="user_name")
 
 try:
@@ -53,12 +55,13 @@ def clone(run_id: str) -> str:
 
 
 def resume(run_id: str) -> str:
-    return f"{run_id}: {jobs.control(settings, run_id, 'resume', user=ss.get('user_name'))}."
+    return f"{run_id}: {jobs.control(settings, run_id, 'resume', user=ss.get('user_name'), actor=actor)}."
 
 
 def launch() -> str:
     user = current_user(login, ss.get("user_name"))
-    run_id, position, following = lv.launch_run(settings, tf.read_values(ss), user, busy)
+    run_id, position, following = lv.launch_run(settings, tf.read_values(ss), user, busy, actor=actor,
+                                                 gpus=int(ss.get("tr_gpus") or 1))  # fmt: skip
     ss[tf.KEY + "output_name"], ss["tr_launched"] = following, run_id
     return lv.position_text(run_id, position)
 
@@ -102,8 +105,14 @@ CALLBACKS = {"model_path": tf.on_model_change, "model_type": tf.on_model_type_ch
 def widget(f: tf.FormField, where) -> None:
     """One field's widget (its value lives in session_state) and its problems right under it."""
     cb = CALLBACKS.get(f.name)
-    kw = dict(key=tf.KEY + f.name, help=f.help or None, on_change=cb, args=(ss, settings) if cb else None,
-              persist_state="session", bind="query-params" if f.name in tf.URL_FIELDS else None)
+    kw = dict(
+        key=tf.KEY + f.name,
+        help=f.help or None,
+        on_change=cb,
+        args=(ss, settings) if cb else None,
+        persist_state="session",
+        bind="query-params" if f.name in tf.URL_FIELDS else None,
+    )
     if f.kind == "select":
         where.selectbox(f.label, f.options, format_func=FORMAT.get(f.name, str), **kw)
     elif f.kind == "multi":
@@ -143,6 +152,9 @@ with side:
         st.error(f"{sum(map(len, problems.values()))} setting(s) need attention before launch (marked in red).")
         for message in tf.unplaced(problems):
             st.error(message)
+    if (most_gpus := lv.gpus_offered(settings)) > 1:  # data parallel: one torchrun rank per GPU
+        st.number_input("GPUs for this run", min_value=1, max_value=most_gpus, value=1, key="tr_gpus",
+                        help="Data parallel: one process per GPU, each a batch; the images/step multiply")  # fmt: skip
     st.button("Launch", type="primary", key="tr_launch", disabled=bool(problems), on_click=act, args=(launch,))
     with st.expander("Save as preset"):
         st.text_input("Preset name", key="tr_preset_name", persist_state="session")

@@ -4,9 +4,11 @@ import streamlit as st
 
 from zimage import jobs, registry
 from zimage.errors import UserError
+from zimage.registry.events import run_timeline
 from zimage.settings import get_settings
 from zimage.views import keep_user_name, open_registry, page_link, shown_errors
 from zimage.views import runs as rv
+from zimage.views.auth import control_state, events_rows, page_actor
 from zimage.views.format import damaged_lines
 
 st.set_page_config(page_title="Runs", page_icon="📈", layout="wide")
@@ -14,6 +16,7 @@ keep_user_name(st.session_state)
 settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 st.title("Runs")
 
 
@@ -37,13 +40,24 @@ def pick_run(reg) -> tuple[str, dict | None]:
     f1, f2, f3, f4, f5 = st.columns([2, 2, 2, 2, 3])
     states = f1.multiselect("State", choices["state"], key="runs_state", persist_state="session", bind="query-params")
     users = f2.multiselect("User", choices["user"], key="runs_user", persist_state="session", bind="query-params")
-    datasets = f3.multiselect("Dataset", choices["dataset"], key="runs_dataset", persist_state="session", bind="query-params")
-    kinds = f4.multiselect(
-        "Kind", choices["kind"], default=[k for k in ("train",) if k in choices["kind"]], key="runs_kind",
-        persist_state="session", bind="query-params",
+    datasets = f3.multiselect(
+        "Dataset", choices["dataset"], key="runs_dataset", persist_state="session", bind="query-params"
     )
-    text = f5.text_input("Search", key="runs_search", persist_state="session", bind="query-params",
-                       placeholder="name, run id, user, dataset…")
+    kinds = f4.multiselect(
+        "Kind",
+        choices["kind"],
+        default=[k for k in ("train",) if k in choices["kind"]],
+        key="runs_kind",
+        persist_state="session",
+        bind="query-params",
+    )
+    text = f5.text_input(
+        "Search",
+        key="runs_search",
+        persist_state="session",
+        bind="query-params",
+        placeholder="name, run id, user, dataset…",
+    )
     for line in damaged_lines(registry.damaged_runs(reg)):  # whatever the filters: a damaged run never hides
         st.warning(line)
     filters = dict(state=states, user=users, dataset=datasets, kind=kinds, text=text)
@@ -86,6 +100,9 @@ def show_run() -> None:
         st.rerun()  # finished just now: redraw the page once, without the timer
     st.subheader(f"{d.get('name') or run_id} · {d['state']}")
     st.caption(f"{run_id} · user {d.get('user_name')} · dataset {d.get('dataset')} · model {d.get('model')}")
+    numbers = registry.run_numbers(reg, run_id)
+    if summary := rv.val_summary(numbers):
+        st.caption(summary)
     frac, line = rv.progress_line(d)
     st.progress(frac, text=line)
     if warning := rv.silence_warning(d):
@@ -100,11 +117,14 @@ def show_run() -> None:
         choices = rv.resume_choices(registry.checkpoints(reg, run_id))
         picked_ckpt = st.selectbox("Resume from", choices, key="run_resume_from")
         start_from = None if picked_ckpt == choices[0] else picked_ckpt
+    may, why = control_state(actor, "control", d.get("user_name"), f"run {run_id}")
+    if not may:
+        st.caption(f"Controls are off: {why}")
     cols = st.columns(len(allowed) + 1)
     for col, (action, label) in zip(cols, rv.ACTIONS.items(), strict=False):
-        if col.button(label, key=f"run_{action}", disabled=not allowed[action]):
+        if col.button(label, key=f"run_{action}", disabled=not (allowed[action] and may), help=why):
             try:
-                done = jobs.control(settings, run_id, action, user=ss.get("user_name"),
+                done = jobs.control(settings, run_id, action, user=ss.get("user_name"), actor=actor,
                                     checkpoint=start_from if action == "resume" else None)  # fmt: skip
                 st.toast(f"{run_id}: {done}")
             except UserError as exc:
@@ -116,16 +136,21 @@ def show_run() -> None:
     c1, c2 = st.columns([3, 1])
     smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="run_smoothing", persist_state="session")
     log_y = c2.toggle("Log scale", key="run_log", persist_state="session")
-    figures = rv.run_charts(registry.metric_series(reg, run_id, rv.RUN_METRICS, max_points=400), smoothing, log_y)
+    figures = rv.run_chart_specs(registry.metric_series(reg, run_id, rv.RUN_METRICS, max_points=400), smoothing, log_y)
     if figures["Loss"] is None:
         c1.info("No metrics yet: they appear with the first training step.")
     else:
-        c1.caption("Loss")
-        c1.altair_chart(figures.pop("Loss"), key="run_chart_loss")
+        val_chart = figures.pop("Validation loss")
+        loss_col, val_col = c1.columns(2) if val_chart is not None else (c1, None)
+        loss_col.caption("Loss")
+        loss_col.vega_lite_chart(spec=figures.pop("Loss"), key="run_chart_loss")
+        if val_col is not None:
+            val_col.caption("Validation loss (fixed images, noise and sigmas)")
+            val_col.vega_lite_chart(spec=val_chart, key="run_chart_val_loss")
         for col, (title, chart) in zip(st.columns(3), figures.items(), strict=True):
             col.caption(title)
             if chart is not None:
-                col.altair_chart(chart, key=f"run_chart_{title}")
+                col.vega_lite_chart(spec=chart, key=f"run_chart_{title}")
 
     steps = registry.sample_steps(reg, run_id)
     if steps:
@@ -138,8 +163,15 @@ def show_run() -> None:
     if not ckpts.empty:
         st.subheader("Checkpoints")
         st.dataframe(rv.checkpoint_rows(ckpts), hide_index=True, key="run_checkpoints")
+        if best := rv.best_checkpoint_lora(ckpts, numbers):
+            st.download_button(f"Download the best checkpoint (step {best[1]}, lowest val_loss)", rv.file_reader(best[0]),
+                               file_name=f"{d.get('output_name') or run_id}-step{best[1]}.safetensors",
+                               on_click="ignore", key="run_download_best")  # fmt: skip
     with st.expander("Log", expanded=d["state"] in ("failed", "lost")):
         st.code(rv.log_tail(d["run_dir"]) or "(no log yet)", language=None)
+    with st.expander("Timeline: who did what to this run"):
+        timeline = events_rows(run_timeline(reg, run_id))
+        st.dataframe(timeline, hide_index=True, key="run_timeline") if timeline else st.caption("Nothing recorded yet.")
 
 
 @st.fragment(run_every=2 if was_live else None)

@@ -8,6 +8,7 @@ from zimage.settings import get_settings
 from zimage.users import current_user
 from zimage.views import compare as cv
 from zimage.views import keep_user_name, open_registry, shown_errors
+from zimage.views.auth import page_actor
 from zimage.views.format import fraction, progress_text
 from zimage.views.runs import thumbnail
 
@@ -17,8 +18,9 @@ settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
 st.title("Compare")
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 login = st.user.to_dict()
-if not login.get("is_logged_in"):
+if actor.mode == "none" and not login.get("is_logged_in"):
     st.sidebar.text_input("Your name (recorded on the jobs you start)", key="user_name")
 
 
@@ -32,8 +34,9 @@ def compare(reg) -> None:
         ss["cmp_linked"] = linked
     elif "cmp_runs" not in ss:
         ss["cmp_runs"] = list(labels)[:2]
-    picked = st.multiselect("Runs", list(labels), format_func=labels.get, key="cmp_runs", max_selections=12,
-                            persist_state="session")
+    picked = st.multiselect(
+        "Runs", list(labels), format_func=labels.get, key="cmp_runs", max_selections=12, persist_state="session"
+    )
     st.query_params["runs"] = ",".join(picked)
     if not picked:
         st.info("Pick one or more training runs to compare." if labels else "No training runs yet: start one on Train.")
@@ -41,7 +44,13 @@ def compare(reg) -> None:
 
     st.subheader("Curves")
     c1, c2, c3, c4 = st.columns(4)
-    metric = c1.selectbox("Metric", list(cv.COMPARE_METRICS), format_func=cv.COMPARE_METRICS.get, key="cmp_metric", persist_state="session")
+    metric = c1.selectbox(
+        "Metric",
+        list(cv.COMPARE_METRICS),
+        format_func=cv.COMPARE_METRICS.get,
+        key="cmp_metric",
+        persist_state="session",
+    )
     smoothing = c2.slider("Smoothing (EMA)", 0.0, 0.99, 0.6, 0.01, key="cmp_smoothing", persist_state="session")
     x_axis = c3.radio("x axis", ["step", "wall time"], horizontal=True, key="cmp_x", persist_state="session")
     log_y = c4.toggle("Log scale", key="cmp_log", persist_state="session")
@@ -62,6 +71,17 @@ def compare(reg) -> None:
         st.caption("These runs have the same settings.")
     else:
         st.dataframe(diff, key="cmp_diff")
+
+    st.subheader("By the numbers")
+    numbers = cv.numbers_table(registry.run_numbers(reg, picked), registry.config_diff(reg, picked), labels, picked)
+    st.dataframe(numbers, key="cmp_numbers", hide_index=True)
+    st.download_button("Download CSV", cv.table_csv(numbers), "compare.csv", "text/csv", key="cmp_csv")
+    sweep = cv.sweep_chart(numbers)
+    if sweep is None:
+        st.caption("Pick two or more runs with a loss to see the settings against it.")
+    else:
+        st.caption("Each line is a run across the settings that differ; colour: the number at the right.")
+        st.altair_chart(sweep, key="cmp_sweep")
 
     st.subheader("Samples")
     samples = {run_id: registry.samples(reg, run_id) for run_id in picked}
@@ -109,7 +129,7 @@ def compare(reg) -> None:
                 try:
                     cfg = cv.testgrid_config(details[0]["model"] or config.get("model_path", ""), prompt, seed, strengths,
                                              {p: choices[p] for p in chosen}, size, name=f"grid-{cv.run_name(details[0])}")  # fmt: skip
-                    run_id = cv.queue_testgrid(settings, cfg, current_user(login, ss.get("user_name")))
+                    run_id = cv.queue_testgrid(settings, cfg, current_user(login, ss.get("user_name")), actor=actor)
                     st.success(f"Queued test grid {run_id}; it appears below when it starts.")
                 except UserError as exc:
                     st.error(str(exc))

@@ -35,10 +35,10 @@ def install(monkeypatch) -> None:
 
     product_command = launcher.worker_command
 
-    def command(kind: str, run_dir: Path) -> list[str]:
+    def command(kind: str, run_dir: Path, ranks: int = 1) -> list[str]:
         if kind == KIND:
             return [sys.executable, str(Path(__file__).resolve()), "--run-dir", str(run_dir)]
-        return product_command(kind, run_dir)
+        return product_command(kind, run_dir, ranks)
 
     monkeypatch.setattr(launcher, "worker_command", command)
     monkeypatch.setattr(queue, "KINDS", (*queue.KINDS, KIND))

@@ -16,7 +16,11 @@ def test_known_models_carry_type_and_sampling_defaults():
     assert turbo.adapter.filename == "zimage_turbo_training_adapter_v2.safetensors"
     de = catalogue.known("ostris/Z-Image-De-Turbo")
     assert de.model_type == "de_turbo" and (de.sample_steps, de.sample_cfg) == (25, 3.0)
-    assert catalogue.SAMPLING_DEFAULTS == {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}  # for unknown folders
+    assert catalogue.SAMPLING_DEFAULTS == {"turbo": (8, 1.0), "de_turbo": (25, 3.0), "base": (50, 5.0)}
+    base = catalogue.known("Tongyi-MAI/Z-Image")
+    assert base.name == "z-image" and base.model_type == "base" and base.adapter is None
+    assert (base.sample_steps, base.sample_cfg) == (50, 5.0)  # CFG 5 = the pipeline's guidance_scale 4
+    assert catalogue.BASE_REASON in base.description and catalogue.NEGATIVE_PROMPTS["base"]
 
 
 def test_resolve_tiny_and_local_folders(zhome_demo, tmp_path):

@@ -119,7 +119,7 @@ def test_overrides_parse_as_yaml_values():
 
 
 # -- presets ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", [p for p in PRESETS if p != "full_finetune"])
+@pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("full_finetune")])
 def test_every_lora_preset_validates(home, name):
     config = build_config(
         {"model_path": "tiny-zimage", "dataset_path": "demo-shapes", "optimizer": "adamw"}, preset=name
@@ -129,6 +129,14 @@ def test_every_lora_preset_validates(home, name):
     for key, value in PRESETS[name].items():
         if key not in ("model_path",):
             assert getattr(resolved.config, key) == value, key
+
+
+def test_full_finetune_base_preset_validates_on_a_base_model(home):
+    config = build_config({"model_path": "tiny-zimage", "model_type": "base", "dataset_path": "demo-shapes"},
+                          preset="full_finetune_base")  # fmt: skip
+    resolved = validate_config(config, home, CPU)
+    assert (resolved.config.training_type, resolved.config.model_type) == ("finetune", "base")
+    assert resolved.validation_fraction == 0.1
 
 
 def test_full_finetune_preset_validates_on_a_de_turbo_model(home):
@@ -273,13 +281,18 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(home):
     assert any(p.field == "mixed_precision" and "no bf16 support" in str(p) for p in problems)
 
 
-def test_an_optimizer_this_machine_cannot_run_is_a_validation_error(home):
-    """On a machine without CUDA the probe really fails on the cuda device: no crash, a named problem."""
+def test_an_optimizer_this_machine_cannot_run_is_a_validation_error(home, monkeypatch):
+    """On a machine without CUDA the probe really fails on the cuda device: no crash, a named problem.
+    The probe runs on CUDA only in a process that initialised CUDA already (a worker, simulated here): in
+    the app server it would create a CUDA context, so there only the optimizer's library is checked."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA to see the probe fail")
-    problems = problems_of(home, machine=MachineInfo(cuda=True, bf16=True), optimizer="adamw")
+    cuda = MachineInfo(cuda=True, bf16=True)
+    assert validate_config(build_config(fast_config(optimizer="adamw")), home, cuda).machine == cuda  # no probe
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    problems = problems_of(home, machine=cuda, optimizer="adamw")
     mine = [p for p in problems if p.field == "optimizer"]
     assert mine and "cannot run on this machine" in str(mine[0]) and "choose another optimizer" in str(mine[0])
 
@@ -325,3 +338,24 @@ def test_turbo_adapter_missing_says_how_to_get_it(home):
 def test_to_dict_round_trips():
     config = TrainingConfig(lora_rank=3, sample_prompts=["a", "b"])
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_lr_scheduler_names_are_diffusers_own():
+    """The list the app validates against (without importing diffusers) is diffusers' SchedulerType."""
+    from diffusers.optimization import SchedulerType
+
+    from zimage.config.schema import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} - {"piecewise_constant"}
+
+
+def test_torch_cuda_build_read_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from zimage.config.validate import torch_has_cuda, MachineInfo; "
+            "print(torch_has_cuda(), MachineInfo.detect().cuda, 'torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    import torch
+
+    assert out == [str(torch.version.cuda is not None), str(torch.cuda.is_available()), "False"]

@@ -162,19 +162,22 @@ def test_thumbnails_are_cached_and_follow_changes(zhome):
     second = thumbnail(folder, folder.images_dir / "a.png")
     assert second != first and not first.exists() and Image.open(second).size == (64, 256)
     tiles = dict(gallery(folder))
-    assert tiles["a.png"] == str(second) and isinstance(tiles["bad.png"], Image.Image)
+    tile = thumbnail(folder, folder.images_dir / "a.png", tile=True)  # the gallery's letterboxed square
+    assert tiles["a.png"] == str(tile) and Image.open(tile).size == (256, 256) and second.exists()
+    assert isinstance(tiles["bad.png"], Image.Image)
     assert [p.name for p in folder.images_dir.iterdir() if p.suffix == ".jpg"] == []  # cache stays hidden
 
 
 def test_validation_report_names_each_problem_with_a_fix(zhome):
     folder = create_dataset(zhome, "rep", resolution=512)
-    add_image(folder, "good.png", (512, 512), caption="fine")
-    add_image(folder, "small.png", (100, 100), colour=(1, 1, 1), caption="small")
-    add_image(folder, "tiny.png", (40, 40), colour=(2, 2, 2), caption="tiny")
-    add_image(folder, "wide.png", (1200, 300), colour=(3, 3, 3), caption="wide")
-    add_image(folder, "nocap.png", (512, 512), colour=(4, 4, 4))
-    add_image(folder, "empty.png", (512, 512), colour=(5, 5, 5), caption="")
-    add_image(folder, "dupe.png", (512, 512), caption="copy")  # same pixels and bytes as good.png
+    # Flat colours far apart, so only dupe.png looks like another image (near-black and black would match).
+    add_image(folder, "good.png", (512, 512), caption="a fine photo")
+    add_image(folder, "small.png", (100, 100), colour=(20, 200, 20), caption="a small photo")
+    add_image(folder, "tiny.png", (40, 40), colour=(20, 20, 200), caption="a tiny photo")
+    add_image(folder, "wide.png", (1200, 300), colour=(220, 220, 20), caption="a wide photo")
+    add_image(folder, "nocap.png", (512, 512), colour=(20, 220, 220))
+    add_image(folder, "empty.png", (512, 512), colour=(230, 230, 230), caption="")
+    add_image(folder, "dupe.png", (512, 512), caption="a copied photo")  # same pixels and bytes as good.png
     (folder.images_dir / "broken.png").write_bytes(b"not an image")
     (folder.images_dir / "lonely.txt").write_text("orphan")
     problems = validate_dataset(folder)

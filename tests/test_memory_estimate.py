@@ -280,17 +280,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_gpu_benchmark_runs_its_code_path_on_the_tiny_model():
-    proc = _bench("--tiny", "--steps", "2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if "s/step" in line]
-    assert len(lines) == 2  # 64x64 and 128x128
-    for line in lines:
-        step = float(line.split(" s/step")[0].split()[-1])
-        assert step > 0
-        assert "estimate 0.0" in line and "FLOP/step" in line and "FLOP/s" in line and "loss" in line
-    assert f"closed form {TINY.transformer_params():,}" in proc.stdout
-    assert "skipped (bitsandbytes quantized loading needs CUDA)" in proc.stdout
+# The --tiny run of the benchmark (the trainer's code path, every column): tests/test_gpu_train_bench.py
 
 
 def test_gpu_benchmark_without_cuda_says_so_and_exits_0():

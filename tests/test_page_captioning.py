@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from zimage.captioning.tiny import DEMO_CAPTIONER, write_demo_captioner, write_tiny_blip
 from zimage.runfolder import RunFolder
 from zimage.users import current_user, login_name
 
@@ -47,12 +48,20 @@ def test_a_name_is_needed_then_the_job_is_queued(zhome_demo):
     at.sidebar.text_input(key="user_name").input("alice")
     at.radio(key="cap_detail").set_value("detailed")
     at.radio(key="cap_mode").set_value("all")
+    at.button(key="cap_start").click().run()  # florence-2-base: not here, and this host is offline
+    assert any(e.value.startswith("Florence-2 is not downloaded; run `zimage models download florence-2-base` where "
+                                  "there is network, or set HF_HOME") for e in at.error)  # fmt: skip
+    assert not any(zhome_demo.runs_dir.iterdir())
+    write_demo_captioner(zhome_demo.captioners_dir / DEMO_CAPTIONER)  # what `zimage demo` adds
+    at.run()
+    assert at.selectbox(key="cap_model").value == "florence-2-base"  # the person's choice stays
+    at.selectbox(key="cap_model").set_value(DEMO_CAPTIONER)
     at.button(key="cap_start").click().run()
     assert not at.error and any("Queued captioning job" in s.value for s in at.success)
     run = only_run(zhome_demo)
     config = json.loads(run.config_path.read_text())
     assert (config["dataset"], config["model"], config["detail"], config["mode"]) == (
-        "demo-shapes", "florence-2-base", "detailed", "all",
+        "demo-shapes", DEMO_CAPTIONER, "detailed", "all",
     )  # fmt: skip
     assert config["trigger_prefix"] is True and config["download"] is True
     status = run.read_status()
@@ -72,9 +81,14 @@ def test_logged_in_user_and_custom_model(zhome_demo):
     at.text_input(key="cap_model_custom").input("Salesforce/blip-image-captioning-large")
     at.text_input(key="cap_prompt").input("a photograph of")
     at.button(key="cap_start").click().run()
+    assert any("is not downloaded; run `zimage models download blip-large`" in e.value for e in at.error)  # offline
+    folder = zhome_demo.home / "my-blip"
+    write_tiny_blip(folder)
+    at.text_input(key="cap_model_custom").input(str(folder))
+    at.button(key="cap_start").click().run()
     run = only_run(zhome_demo)
     config = json.loads(run.config_path.read_text())
-    assert config["model"] == "Salesforce/blip-image-captioning-large" and config["prompt"] == "a photograph of"
+    assert config["model"] == str(folder) and config["prompt"] == "a photograph of"
     assert run.read_status()["user"] == "bob@example.com"
 
 

@@ -35,7 +35,8 @@ def lora_file(path: Path) -> Path:
     return path
 
 
-def make_run(settings, run_id, lr, created, step_time):
+def make_run(settings, run_id, lr, created, step_time, val_best_at=None):
+    """A finished run folder; with `val_best_at` every 10th line holds a val_loss, lowest at that step."""
     rf = RunFolder(settings.runs_dir / run_id)
     rf.write_config({"model_path": "tiny-zimage", "dataset_path": "demo-shapes", "learning_rate": lr, "lora_rank": 8,
                      "output_name": run_id, "sample_prompt": "zshape, a red circle"})  # fmt: skip
@@ -43,7 +44,11 @@ def make_run(settings, run_id, lr, created, step_time):
     rf.update_status(state="completed", kind="train", user="ann", name=run_id, created=created, step=60,
                      total_steps=60, output_path=str(out))  # fmt: skip
     for s in range(1, 61):
-        rf.append_metrics({"step": s, "loss": 1.0 / s if lr > 1e-4 else 2.0 / s, "lr": lr, "elapsed": s * step_time})
+        line = {"step": s, "loss": 1.0 / s if lr > 1e-4 else 2.0 / s, "lr": lr, "elapsed": s * step_time,
+                "step_time": step_time, "mem_peak": 2**30 * lr * 1e4}  # fmt: skip
+        if val_best_at is not None and s % 10 == 0:
+            line.update({"val_loss": 0.5 + abs(s - val_best_at) / 100 + lr, "val_loss_0.5": 0.4})
+        rf.append_metrics(line)
     (rf.path / "samples").mkdir()
     for step in (20, 40, 60):
         rel = f"samples/{step}.png"
@@ -68,8 +73,8 @@ def page(runs: str | None = "run-slow,run-fast") -> AppTest:
     return at.run()
 
 
-def chart_frame(at):
-    (chart,) = at.get("vega_lite_chart")
+def chart_frame(at, index: int = 0):
+    chart = at.get("vega_lite_chart")[index]  # 0: the curves; 1: the parallel coordinates
     return pa.ipc.open_stream(chart.proto.datasets[0].data.data).read_all().to_pandas(), json.loads(chart.proto.spec)
 
 
@@ -144,3 +149,48 @@ def test_finished_grid_is_shown(two_runs):
     at = page()
     assert any("grid-done: rows = LoRAs" in c for img in at.image for c in img.captions)
     assert any(p.proto.text == "grid-run-fast · step 2 / 2 (100%) · completed" for p in at.get("progress"))
+
+
+@pytest.fixture()
+def three_runs(zhome_demo):
+    now = time.time()
+    for i, (lr, best) in enumerate(((1e-4, 30), (3e-4, 40), (1e-3, 20))):
+        make_run(zhome_demo, f"run-lr{i}", lr, now - 100 + i, step_time=0.5 + i, val_best_at=best)
+    return zhome_demo
+
+
+def test_numbers_table_csv_and_parallel_coordinates_over_a_learning_rate_sweep(three_runs):
+    at = page("run-lr0,run-lr1,run-lr2")
+    assert not at.exception and not at.error
+    table = at.dataframe[1].value  # 0: the settings that differ
+    assert list(table["run"].str.split(" ").str[0]) == ["run-lr0", "run-lr1", "run-lr2"]
+    assert table["best val step"].tolist() == [30, 40, 20]
+    assert table["best val_loss"].tolist() == pytest.approx([0.5 + 1e-4, 0.5 + 3e-4, 0.5 + 1e-3])
+    assert table["final loss"].tolist() == pytest.approx([2.0 / 60, 1.0 / 60, 1.0 / 60])
+    assert table["s/step"].tolist() == pytest.approx([0.5, 1.5, 2.5])
+    assert table["peak memory (GiB)"].tolist() == pytest.approx([1.0, 3.0, 10.0])
+    assert table["learning_rate"].tolist() == [1e-4, 3e-4, 1e-3] and "output_name" not in table
+    (csv,) = at.get("download_button")
+    assert csv.proto.label == "Download CSV"
+    data, spec = chart_frame(at, 1)
+    assert set(data["axis"]) == {"learning_rate", "best val_loss"} and data["run"].nunique() == 3
+    lr_axis = data[data["axis"] == "learning_rate"].set_index("value")["level"]
+    assert lr_axis.to_dict() == pytest.approx({"0.0001": 0.0, "0.0003": 2 / 9, "0.001": 1.0})
+    assert "best val_loss" in json.dumps(spec)
+
+
+def test_numbers_table_as_csv_holds_every_run(three_runs):
+    from zimage.registry import Registry, config_diff, run_numbers
+    from zimage.registry.ingest import Ingester
+    from zimage.views import compare as cv
+
+    reg = Registry(three_runs.registry_dir / "csv-test.duckdb")
+    Ingester(reg, three_runs).scan()
+    ids = [f"run-lr{i}" for i in range(3)]
+    try:
+        table = cv.numbers_table(run_numbers(reg, ids), config_diff(reg, ids), {r: r for r in ids}, ids)
+    finally:
+        reg.close()
+    lines = cv.table_csv(table).decode().splitlines()
+    assert lines[0].startswith("run,final loss,best val_loss,best val step,s/step,peak memory (GiB),learning_rate")
+    assert [ln.split(",")[0] for ln in lines[1:]] == ids and lines[3].split(",")[3] == "20"

@@ -119,7 +119,8 @@ def test_live_run_progress_charts_and_controls(home):
     at.toggle(key="run_log").set_value(True)
     at.slider(key="run_smoothing").set_value(0.0).run()
     spec = json.loads(at.get("vega_lite_chart")[0].proto.spec)
-    assert len(spec["layer"]) == 2 and spec["layer"][1]["encoding"]["y"]["scale"]["type"] == "log"
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line", "circle"]  # no smoothed line
+    assert spec["layer"][1]["encoding"]["y"]["scale"]["type"] == "log"
     at.button(key="run_pause").click().run()
     control = json.loads((home.runs_dir / "r-live" / "control.json").read_text())
     assert [r["action"] for r in control["requests"]] == ["pause"]
@@ -144,7 +145,7 @@ def test_finished_run_samples_checkpoints_download(home):
     thumbs = sorted((home.cache_dir / "thumbs").glob("*.jpg"))
     assert len(thumbs) == 4  # both steps, two seeds each, cached outside the run folder
     with Image.open(thumbs[0]) as t:
-        assert t.size == (96, 64)
+        assert t.size == (96, 96)  # letterboxed square, never enlarged (tests/test_thumbnails.py)
     ckpt = next(df.value for df in at.dataframe if "checkpoint" in df.value.columns)
     assert list(ckpt["checkpoint"]) == ["step-000050"] and list(ckpt["step"]) == [50]
 

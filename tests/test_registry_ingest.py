@@ -195,14 +195,19 @@ def test_migrations_bring_an_old_database_up_and_refuse_a_newer_one(zhome):
     reg = Registry(zhome.db_path)
     reg.close()
     con = duckdb.connect(str(zhome.db_path))
-    con.execute("DROP VIEW jobs")  # what versions 2, 3 and 4 added
+    con.execute("DROP VIEW jobs")  # what versions 2 to 6 added
+    con.execute("DROP TABLE events")
+    con.execute("ALTER TABLE metrics DROP COLUMN val_loss")
+    con.execute("ALTER TABLE checkpoints DROP COLUMN val_loss")
     con.execute("ALTER TABLE datasets DROP COLUMN problem")
     con.execute("ALTER TABLE runs DROP COLUMN problem")
     con.execute("ALTER TABLE checkpoints DROP COLUMN problem")
     con.execute("UPDATE schema_meta SET value = '1'")
     con.close()
     reg = Registry(zhome.db_path)
-    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) == "4"
+    assert reg.fetch("SELECT value FROM schema_meta")[0][0] == str(SCHEMA_VERSION) and SCHEMA_VERSION >= 5
+    assert reg.fetch("SELECT count(val_loss) FROM metrics") == [(0,)]
+    assert reg.fetch("SELECT count(*) FROM events") == [(0,)]
     assert reg.fetch("SELECT count(*) FROM jobs") == [(0,)]
     assert reg.fetch("SELECT count(problem) FROM datasets") == [(0,)]
     assert reg.fetch("SELECT count(problem) FROM runs") == reg.fetch("SELECT count(problem) FROM checkpoints") == [(0,)]

@@ -58,7 +58,7 @@ def test_series_frame_and_chart_layers():
     moved = charts.series_frame(df, "loss", 0.0, x_of=wall)
     assert list(moved[moved["series"] == "a"]["x"]) == [10.0, 20.0, 30.0]  # interpolated step -> minutes
     spec = charts.metric_chart(frame, "loss", log_y=True, smoothed=True).to_dict()
-    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line", "line"]
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line", "line", "circle"]
     assert spec["layer"][1]["encoding"]["y"]["scale"]["type"] == "log"
     values = next(iter(spec["datasets"].values()))
     assert all(v["value"] > 0 for v in values)  # the zero loss of run b cannot sit on a log axis
@@ -108,7 +108,7 @@ def test_thumbnails_are_cached_outside_the_run_folder(zhome, tmp_path):
     thumb = runs.thumbnail(zhome, img)
     assert thumb is not None and zhome.cache_dir in thumb.parents
     with Image.open(thumb) as t:
-        assert max(t.size) == runs.THUMB_SIZE and t.size == (256, 128)
+        assert t.size == (runs.THUMB_SIZE, runs.THUMB_SIZE)  # a letterboxed square tile (tests/test_thumbnails.py)
     assert runs.thumbnail(zhome, img) == thumb
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert runs.thumbnail(zhome, tmp_path / "broken.png") is None
@@ -171,7 +171,8 @@ def test_home_helpers(zhome):
     from zimage.system import GpuInfo
 
     rows = home.gpu_rows([GpuInfo(0, "H100", 80 * 1024**3, 20 * 1024**3)])
-    assert rows == [{"GPU": 0, "name": "H100", "memory in use": "20.0 GB of 80.0 GB", "use %": 25.0}]
+    assert rows == [{"GPU": 0, "name": "H100", "job": "free", "memory in use": "20.0 GB of 80.0 GB",
+                     "memory %": 25.0, "utilisation %": None, "processes": 0}]  # fmt: skip
     assert home.disk_rows({"datasets": 2048, "free": 10})[0] == ("Datasets", "2.0 KB")
     for name in ("old", "new"):
         (zhome.loras_dir / f"{name}.safetensors").write_bytes(b"0" * 10)

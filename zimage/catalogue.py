@@ -1,6 +1,6 @@
 """Known base models, the Turbo training adapter, local pipeline folders, and hub downloads.
 
-Every entry knows its model type (turbo / de_turbo) and sampling defaults, so configs and pages can
+Every entry knows its model type (turbo / de_turbo / base) and sampling defaults, so configs and pages can
 follow the model. Downloads go through huggingface_hub into models/; every way a download can fail
 (offline, gated, missing, disk) becomes a DownloadError with one paragraph that says what to do.
 """
@@ -16,10 +16,17 @@ from zimage.errors import UserError
 from zimage.settings import Settings
 from zimage.tiny import TINY_MODEL_NAME
 
-MODEL_TYPES = ("turbo", "de_turbo")
+MODEL_TYPES = ("turbo", "de_turbo", "base")
 # Sampling defaults by model type (DESIGN.md section 3), (steps, CFG in the usual sense: 1.0 = off), for a
 # model folder the catalogue does not know; config validation and the Train page read them from here.
-SAMPLING_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0)}
+# Base: the pipeline's guidance_scale 4-5 is CFG 5-6 in our convention (DESIGN.md section 4).
+SAMPLING_DEFAULTS = {"turbo": (8, 1.0), "de_turbo": (25, 3.0), "base": (50, 5.0)}
+# Undistilled models: sampled with CFG and a negative prompt, and the ones a full fine-tune may train.
+UNDISTILLED_TYPES = ("de_turbo", "base")
+# The negative prompt a base-model sample uses when a config leaves sample_negative_prompt unset.
+BASE_NEGATIVE_PROMPT = "blurry, low quality, distorted, deformed, watermark, text"
+NEGATIVE_PROMPTS = {"turbo": "", "de_turbo": "", "base": BASE_NEGATIVE_PROMPT}
+BASE_REASON = "recommended for training; also loads on Turbo"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 # What a folder needs to be loaded by diffusers.ZImagePipeline.from_pretrained.
 PIPELINE_PARTS = {
@@ -43,7 +50,7 @@ class TrainingAdapter:
 class ModelEntry:
     name: str  # folder name under models/base and the id used in configs
     title: str
-    model_type: str  # "turbo" | "de_turbo"
+    model_type: str  # "turbo" | "de_turbo" | "base"
     sample_steps: int
     sample_cfg: float  # CFG in the usual sense: 1.0 = off (DESIGN.md section 4)
     repo_id: str | None = None  # None: local only
@@ -54,6 +61,15 @@ class ModelEntry:
 TURBO_ADAPTER = TrainingAdapter("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors")
 
 KNOWN_MODELS: tuple[ModelEntry, ...] = (
+    ModelEntry(
+        name="z-image",
+        title="Z-Image (base)",
+        model_type="base",
+        sample_steps=50,
+        sample_cfg=5.0,
+        repo_id="Tongyi-MAI/Z-Image",
+        description=f"Undistilled 6B base model: {BASE_REASON}. No adapter; ~50 steps, CFG 5 and a negative prompt.",
+    ),
     ModelEntry(
         name="z-image-turbo",
         title="Z-Image-Turbo",
@@ -125,6 +141,8 @@ def _local_entry(path: Path) -> ModelEntry:
         return entry
     lower = path.name.lower()
     model_type = meta.get("model_type") or ("de_turbo" if "de-turbo" in lower or "deturbo" in lower else "turbo")
+    if not meta.get("model_type") and lower in ("z-image", "z-image-base", "zimage-base"):
+        model_type = "base"
     if model_type not in MODEL_TYPES:
         model_type = "turbo"
     steps, cfg = SAMPLING_DEFAULTS[model_type]

@@ -74,6 +74,7 @@ class Job:
         self.stop_reason: str | None = None  # why a stop was asked by a signal (None: not asked)
         self._on_stop: Callable[[str], None] | None = None
         self._at_end: list[Callable[[], None]] = []
+        self.metric_listeners: list[Callable[[dict[str, Any]], None]] = []  # called with each metrics line
         self._finishing = False  # the final state is being written: signals no longer interrupt
         self._state: str | None = None  # the last state written
         self._lock = threading.Lock()
@@ -121,6 +122,8 @@ class Job:
             self.echo(message)
 
     def add_metrics(self, record: dict[str, Any]) -> None:
+        for listener in self.metric_listeners:  # experiment trackers (training/trackers.py) see every line
+            listener(record)
         if self.run is None:
             self.metrics.append(record)
             return

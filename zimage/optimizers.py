@@ -51,6 +51,18 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+LIBRARIES = {"adamw": "torch", "adamw8bit": "bitsandbytes", "adafactor": "transformers", "prodigy": "prodigyopt"}
+
+
+def library_problem(name: str) -> str | None:
+    """None when the library of optimizer `name` is installed (found, not imported: no CUDA initialised)."""
+    from importlib.util import find_spec
+
+    if name not in OPTIMIZERS:
+        return f"unknown optimizer; choose one of {', '.join(OPTIMIZERS)}"
+    return None if find_spec(LIBRARIES[name]) is not None else f"its library is not installed: {LIBRARIES[name]}"
+
+
 def optimizer_problem(name: str, device_type: str = "cpu") -> str | None:
     """None when `name` can train on `device_type` here, else a one-line reason."""
     if name not in OPTIMIZERS:

@@ -38,7 +38,9 @@ DAMAGED = "damaged"  # what the registry, the CLI and the pages call a run whose
 CONTROL_ACTIONS = ("stop", "pause", "resume", "save_now", "sample_now")
 METRIC_FIELDS = (
     "step", "loss", "lr", "grad_norm", "step_time", "samples_per_s", "mem_allocated", "mem_peak", "elapsed", "eta",
+    "val_loss",
 )  # fmt: skip
+# A line with val_loss also holds one val_loss_<sigma> per validation sigma (zimage.training.validation).
 
 INT64 = 2**63  # DuckDB's BIGINT: a step outside it cannot be stored
 Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # an int is accepted (5 -> 5.0)
@@ -121,6 +123,7 @@ class ProgressRecord(Record):
     position: Count | None = None
     reason: Text | None = None
     training_type: Text | None = None
+    val_loss: Finite | None = None  # the validation loss measured at this checkpoint's step
 
 
 class MetricsLine(Record):
@@ -138,6 +141,7 @@ class MetricsLine(Record):
     mem_peak: Finite | None = None
     elapsed: Finite | None = None
     eta: Finite | None = None
+    val_loss: Finite | None = None
 
 
 class SampleLine(Record):

@@ -18,6 +18,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -69,11 +70,25 @@ class PathSettings(_Section):
         return roots
 
 
+class AuthSettings(_Section):
+    """Who may use the app (zimage.auth): `none` (one person on localhost), `password` (the users file) or
+    `oidc` (Streamlit's st.login, the provider in .streamlit/secrets.toml). Roles: viewer, member, admin."""
+
+    mode: Literal["none", "password", "oidc"] = "none"
+    session_minutes: int = Field(default=720, ge=5, le=43200)  # a login lasts this long, then asks again
+    max_failed_logins: int = Field(default=5, ge=1, le=100)  # wrong passwords in a row before a lockout
+    lockout_minutes: int = Field(default=15, ge=1, le=1440)
+    oidc_provider: str | None = None  # the [auth.<provider>] section of secrets.toml; unset: [auth] itself
+    roles: dict[str, Literal["viewer", "member", "admin"]] = Field(default_factory=dict)  # e-mail or "@domain"
+    unknown_users: Literal["viewer", "refuse"] = "viewer"  # an oidc login that `roles` does not name
+
+
 class HomeSettings(_Section):
     """The whole of settings.toml; every section and field optional."""
 
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
 
 class SettingsFileError(UserError):

@@ -235,7 +235,7 @@ def _load_pipeline(cfg: GridConfig, log):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = ZImagePipeline.from_pretrained(str(cfg.model_dir), torch_dtype=dtype).to(device)
+    pipe = ZImagePipeline.from_pretrained(str(cfg.model_dir), torch_dtype=dtype, use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     # peft warns on every adapter after the first; several adapters side by side are the point here
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -13,6 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-zimage"
+# The same tiny weights standing in for each model type in tests: a folder with its own zimage_model.json
+# type and its own scheduler shift (the base model's shift must come from its files, never a constant).
+TINY_VARIANTS = {
+    "de_turbo": {"shift": 3.0, "sample_steps": 4, "sample_cfg": 2.0},
+    "turbo": {"shift": 3.0, "sample_steps": 4, "sample_cfg": 1.0},
+    "base": {"shift": 6.0, "sample_steps": 4, "sample_cfg": 4.0},
+}
 
 # A reduced Qwen3 chat template: one user message, generation prompt, the empty think block that the
 # real template emits when enable_thinking is False. Z-Image passes enable_thinking=True.
@@ -80,7 +87,7 @@ def build_tokenizer():
     return tok
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, shift: float = 3.0):
     """Return a random-weight ZImagePipeline whose every weight is a function of `seed` alone."""
     import torch
     from diffusers import (
@@ -131,7 +138,7 @@ def build_tiny_pipeline(seed: int = 0):
     )
     text_encoder = Qwen3Model(text_config)
 
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
     for module in (transformer, vae, text_encoder):
         module.eval()
     return ZImagePipeline(
@@ -153,12 +160,15 @@ def write_folder_atomically(target: Path, marker: str, fill: Callable[[Path], No
     return True
 
 
-def write_tiny_model(target: Path, seed: int = 0) -> bool:
-    """Write the tiny pipeline to `target` (diffusers layout). Returns False if it was already there."""
+def write_tiny_model(target: Path, seed: int = 0, model_type: str = "de_turbo") -> bool:
+    """Write the tiny pipeline to `target` (diffusers layout) as a `model_type` model (TINY_VARIANTS: its
+    scheduler shift and sampling defaults). Returns False if it was already there."""
+    variant = TINY_VARIANTS[model_type]
 
     def fill(tmp: Path) -> None:
-        build_tiny_pipeline(seed).save_pretrained(tmp, safe_serialization=True)
-        meta = {"name": TINY_MODEL_NAME, "model_type": "de_turbo", "sample_steps": 4, "sample_cfg": 2.0, "seed": seed}
+        build_tiny_pipeline(seed, shift=variant["shift"]).save_pretrained(tmp, safe_serialization=True)
+        meta = {"name": Path(target).name, "model_type": model_type, "sample_steps": variant["sample_steps"],
+                "sample_cfg": variant["sample_cfg"], "seed": seed}  # fmt: skip
         (tmp / "zimage_model.json").write_text(json.dumps(meta, indent=2))
 
     return write_folder_atomically(target, "model_index.json", fill)

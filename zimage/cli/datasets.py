@@ -27,9 +27,11 @@ def register(sub) -> None:
     a = dsub.add_parser("add", help="add images (files, folders or zips; same-stem .txt captions kept)")
     a.add_argument("name")
     a.add_argument("paths", nargs="+")
+    a.add_argument("--as-admin", action="store_true", help="add to another user's dataset (admins only; recorded)")
     a.set_defaults(handler=run_add)
     k = dsub.add_parser("check", help="validation report: problems per image with the fix")
     k.add_argument("name")
+    k.add_argument("--model", help="also count caption tokens with this base model's tokenizer (name or folder)")
     k.set_defaults(handler=run_check)
     s = dsub.add_parser("stats", help="dataset statistics")
     s.add_argument("name")
@@ -52,11 +54,13 @@ def run_list(args) -> int:
 
 
 def run_create(args) -> int:
+    from zimage.auth import cli_actor
     from zimage.data.manage import create_dataset
     from zimage.settings import get_settings
 
+    settings = get_settings().ensure()
     folder = create_dataset(
-        get_settings().ensure(), args.name, type=args.type, trigger_word=args.trigger, resolution=args.resolution,
+        settings, args.name, actor=cli_actor(settings), type=args.type, trigger_word=args.trigger, resolution=args.resolution,
         description=args.description, caption_prefix=args.prefix, caption_suffix=args.suffix,
     )  # fmt: skip
     print(f"created {folder.path}")
@@ -64,12 +68,15 @@ def run_create(args) -> int:
 
 
 def run_add(args) -> int:
+    from zimage.auth import cli_actor
     from zimage.data.manage import open_dataset
     from zimage.data.uploads import UploadReport, add_files, add_folder, add_zip
     from zimage.errors import UserError
     from zimage.settings import get_settings
 
-    folder = open_dataset(get_settings(), args.name)
+    settings = get_settings()
+    folder = open_dataset(settings, args.name)
+    actor = cli_actor(settings, as_admin=args.as_admin)
     missing = [raw for raw in args.paths if not Path(raw).expanduser().exists()]
     if missing:  # checked first, so nothing is half-added
         raise UserError(f"{', '.join(missing)}: no such file or folder")
@@ -78,9 +85,9 @@ def run_add(args) -> int:
     for raw in args.paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            part = add_folder(folder, path)
+            part = add_folder(folder, path, actor=actor)
         elif path.suffix.lower() == ".zip" and path.is_file():
-            part = add_zip(folder, path)
+            part = add_zip(folder, path, actor=actor)
         else:
             files.append(path)
             continue
@@ -88,7 +95,7 @@ def run_add(args) -> int:
         total.refused += part.refused
     if files:
         # Files go in together so a .txt caption given next to its image is kept with it.
-        part = add_files(folder, [(p.name, p.read_bytes()) for p in files])
+        part = add_files(folder, [(p.name, p.read_bytes()) for p in files], actor=actor)
         total.accepted += part.accepted
         total.refused += part.refused
     for a in total.accepted:
@@ -104,8 +111,14 @@ def run_check(args) -> int:
     from zimage.data.report import report_summary, validate_dataset
     from zimage.settings import get_settings
 
-    folder = open_dataset(get_settings(), args.name)
-    problems = validate_dataset(folder)
+    settings = get_settings()
+    folder = open_dataset(settings, args.name)
+    model_dir = None
+    if getattr(args, "model", None):
+        from zimage.catalogue import resolve
+
+        model_dir = resolve(args.model, settings)[1]
+    problems = validate_dataset(folder, model_dir)
     for p in problems:
         print(f"{p.level:<8} {p.image}: {p.message}\n         fix: {p.fix}")
     print(report_summary(problems, len(folder.items())))

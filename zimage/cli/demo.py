@@ -19,4 +19,8 @@ def run(args) -> int:
     data_dir = settings.datasets_dir / DEMO_DATASET
     print(f"model   {model_dir}  ({'written' if done['model'] else 'already there'})")
     print(f"dataset {data_dir}  ({'written' if done['dataset'] else 'already there'})")
+    from zimage.captioning.tiny import DEMO_CAPTIONER, DEMO_CAPTIONER_TITLE
+
+    where = settings.captioners_dir / DEMO_CAPTIONER
+    print(f"captioner {where}  ({'written' if done['captioner'] else 'already there'}; {DEMO_CAPTIONER_TITLE})")
     return 0

@@ -26,6 +26,7 @@ def register(sub) -> None:
                          ("cancel", "take a queued job out of the queue")):  # fmt: skip
         c = qsub.add_parser(action, help=text)
         c.add_argument("run_id")
+        c.add_argument("--as-admin", action="store_true", help="act on another user's job (admins only; recorded)")
         c.set_defaults(handler=run_move, action=action)
     p.set_defaults(handler=run_show)
 
@@ -56,7 +57,10 @@ def run_add(args) -> int:
 
     settings = get_settings().ensure()
     config = _load_config(args, settings)
-    run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus)
+    from zimage.auth import cli_actor
+
+    actor = cli_actor(settings)
+    run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus, actor=actor)
     line = [rid for rid, _ in queued_runs(settings)]
     where = f"position {line.index(run_id) + 1}" if run_id in line else "already started"
     print(f"queued {run_id} ({where})")
@@ -65,15 +69,17 @@ def run_add(args) -> int:
 
 
 def run_move(args) -> int:
+    from zimage.auth import cli_actor
     from zimage.jobs import cancel, move_down, move_up
     from zimage.settings import get_settings
 
     settings = get_settings()
+    actor = cli_actor(settings, as_admin=args.as_admin)
     if args.action == "cancel":
-        cancel(settings, args.run_id)
+        cancel(settings, args.run_id, actor=actor)
         print(f"cancelled {args.run_id}")
     else:
-        pos = (move_up if args.action == "up" else move_down)(settings, args.run_id)
+        pos = (move_up if args.action == "up" else move_down)(settings, args.run_id, actor=actor)
         print(f"{args.run_id} is now at position {pos + 1}")
     return 0
 

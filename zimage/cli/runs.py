@@ -1,4 +1,4 @@
-"""`zimage runs list|show|stop|pause|resume|delete`: runs of every kind, from their folders.
+"""`zimage runs list|show|stop|pause|resume|delete|export`: runs of every kind, from their folders.
 
 Reads the run folders directly and sends requests through control.json / status.json, so it works the
 same whether or not the app (or `zimage worker`) is running and holding the registry database.
@@ -33,11 +33,19 @@ def register(sub) -> None:
     ):
         c = rsub.add_parser(action, help=text)
         c.add_argument("run_id")
+        c.add_argument("--as-admin", action="store_true", help="act on another user's run (admins only; recorded)")
         c.set_defaults(handler=run_control, action=action)
     d = rsub.add_parser("delete", help="delete a run folder (not its exported LoRA)")
     d.add_argument("run_id")
     d.add_argument("--yes", action="store_true", help="do not ask")
+    d.add_argument("--as-admin", action="store_true", help="delete another user's run (admins only; recorded)")
     d.set_defaults(handler=run_delete)
+    e = rsub.add_parser("export", help="copy a checkpoint's LoRA to models/loras/trained (best by val_loss, ...)")
+    e.add_argument("run_id")
+    e.add_argument("--checkpoint", default="best", help="best (lowest val_loss), newest, or a name (step-000040)")
+    e.add_argument("--name", help="output file name without .safetensors (default: <output_name>-step<N>)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(handler=run_export)
     p.set_defaults(handler=run_list, state=None, user=None, dataset=None, kind=None, text=None, json=False)
 
 
@@ -112,10 +120,13 @@ def run_show(args) -> int:
 
 
 def run_control(args) -> int:
+    from zimage.auth import cli_actor
     from zimage.jobs import control, os_user
     from zimage.settings import get_settings
 
-    done = control(get_settings(), args.run_id, args.action, user=os_user())
+    settings = get_settings()
+    actor = cli_actor(settings, as_admin=getattr(args, "as_admin", False))
+    done = control(settings, args.run_id, args.action, user=os_user(), actor=actor)
     print(f"{args.run_id}: {done}")
     return 0
 
@@ -132,6 +143,30 @@ def run_delete(args) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("kept")
             return 1
-    delete_run(get_settings(), args.run_id)
+    from zimage.auth import cli_actor
+
+    settings = get_settings()
+    delete_run(settings, args.run_id, actor=cli_actor(settings, as_admin=getattr(args, "as_admin", False)))
     print(f"deleted {args.run_id}")
+    return 0
+
+
+def run_export(args) -> int:
+    from zimage.errors import UserError
+    from zimage.run_records import read_config
+    from zimage.settings import get_settings
+    from zimage.training.export import checkpoint_val_loss, export_lora, pick_checkpoint
+
+    settings = get_settings()
+    run_dir = settings.runs_dir / args.run_id
+    if not run_dir.is_dir():
+        raise UserError(f"runs export {args.run_id}: no such run in {settings.runs_dir}")
+    ckpt = pick_checkpoint(run_dir / "checkpoints", args.checkpoint)
+    config = read_config(run_dir / "config.json", missing=None)
+    data = config.model_dump() if hasattr(config, "model_dump") else {}  # a damaged config: name it by the run
+    output_name = data.get("output_name") or args.run_id
+    target = settings.loras_dir / f"{args.name or f'{output_name}-step{ckpt.step}'}.safetensors"
+    export_lora(ckpt, target, overwrite=args.overwrite)
+    val = checkpoint_val_loss(ckpt)
+    print(f"exported {ckpt.path.name} (val_loss {_fmt(val, '.5g')}) to {target}")
     return 0

@@ -34,6 +34,7 @@ INT_LIMITS: dict[str, tuple[int, int, int, str]] = {
     "lr_warmup_steps": (0, MAX_STEPS, 1, "at most the longest run"),
     "save_every_n_steps": (0, MAX_STEPS, 1, "0 turns checkpoints off"),
     "sample_every_n_steps": (0, MAX_STEPS, 1, "0 turns samples off"),
+    "validation_every_n_steps": (0, MAX_STEPS, 1, "0: the validation loss only at the end"),
     "log_every_n_steps": (1, MAX_STEPS, 1, "at most the longest run"),
     "keep_last_n_checkpoints": (0, 1000, 1, "0 keeps every checkpoint"),
     "lora_rank": (1, MAX_LORA_RANK, 1, "the transformer is 3840 wide; a higher rank adds nothing"),
@@ -57,6 +58,7 @@ FLOAT_LIMITS: dict[str, tuple[float, bool, float, bool, str]] = {
     "logit_mean": (-10.0, True, 10.0, True, "the mean of the logit-normal timestep density"),
     "logit_std": (0.0, False, 10.0, True, "the spread of the logit-normal timestep density"),
     "sample_cfg": (1.0, True, 30.0, True, "1.0 = no CFG; or null: the model's default"),
+    "preservation_weight": (0.0, True, 1e6, True, "0 turns preservation off"),
 }
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from zimage.errors import UserError
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A fast smoke run: small images, a small LoRA, no checkpoints or samples.
+    # A fast smoke run: small images, a small LoRA, no checkpoints; samples before and at the end only,
+    # so a first run shows what it did (sample_every_n_steps = num_steps: the end sample comes with any length).
     "quick_test": {
         "resolution": 512,
         "lora_rank": 8,
@@ -21,7 +22,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "gradient_accumulation": 1,
         "lr_scheduler": "constant",
         "save_every_n_steps": 0,
-        "sample_every_n_steps": 0,
+        "sample_every_n_steps": 100,
         "output_name": "quick_test",
     },
     # A person or a character: identity needs capacity and a trigger word in every caption.
@@ -72,6 +73,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_warmup_steps": 100,
         "output_name": "full_finetune",
     },
+}
+
+# Base-model variants (DESIGN.md section 4: Z-Image base is what the public trainers recommend for LoRAs
+# and fine-tunes; no adapter, and its LoRAs also load on Turbo). Sampling steps, CFG and the negative prompt
+# follow the model; what differs is the model and a validation loss on a tenth of the images held out, so
+# runs of a sweep can be compared by one number (and the best checkpoint exported).
+_BASE = {"model_path": "z-image", "validation_images": "0.1", "validation_every_n_steps": 100}
+PRESETS["character_lora_base"] = {**PRESETS["character_lora"], **_BASE, "output_name": "character_lora_base"}
+PRESETS["style_lora_base"] = {**PRESETS["style_lora"], **_BASE, "output_name": "style_lora_base"}
+PRESETS["full_finetune_base"] = {**PRESETS["full_finetune"], **_BASE, "output_name": "full_finetune_base"}
+PRESET_NOTES = {
+    name: "Z-Image base: recommended for training; also loads on Turbo" for name in PRESETS if name.endswith("_base")
 }
 
 

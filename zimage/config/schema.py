@@ -22,6 +22,9 @@ MIXED_PRECISIONS = ("bf16", "fp16", "no")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 TIMESTEP_SAMPLINGS = ("sigmoid", "logit_normal", "uniform", "shift", "mode")
 LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# diffusers.optimization.SchedulerType without piecewise_constant (tests/test_config.py checks it is the same
+# list; written here so that validating a config in the app imports neither diffusers nor torch)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 # Module paths inside one transformer block (DESIGN.md section 4) and the block groups that hold them.
 TARGET_MODULES = (
     "attention.to_q",
@@ -34,6 +37,7 @@ TARGET_MODULES = (
     "adaLN_modulation.0",
 )
 TARGET_BLOCKS = ("layers", "noise_refiner", "context_refiner")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to names (zimage.training.trackers)
 DEFAULT_TARGET_MODULES = TARGET_MODULES[:7]  # attention + feed-forward, as the public trainers do
 
 # Nested sections accepted on top of the flat form: {"lora": {"lora_rank": 8}} == {"lora_rank": 8}.
@@ -45,11 +49,13 @@ class TrainingConfig:
     """Everything a training run needs. `None` means "follow the model / dataset" (filled in by validation)."""
 
     config_version: int = CONFIG_VERSION  # bumped when a field changes meaning; old files get migrated
-    training_type: str = "lora"  # "lora" | "finetune" (full fine-tune needs De-Turbo)
+    training_type: str = "lora"  # "lora" | "finetune" (full fine-tune needs an undistilled model: De-Turbo or base)
 
     # -- model
-    model_path: str = "z-image-turbo"  # catalogue name (z-image-turbo, z-image-de-turbo, tiny-zimage) or a folder
-    model_type: str | None = None  # "turbo" | "de_turbo"; None: the catalogue's type for model_path
+    model_path: str = (
+        "z-image-turbo"  # catalogue name (z-image, z-image-turbo, z-image-de-turbo, tiny-zimage) or a folder
+    )
+    model_type: str | None = None  # "turbo" | "de_turbo" | "base"; None: the catalogue's type for model_path
     use_training_adapter: bool | None = None  # None: on for Turbo, off for De-Turbo
     training_adapter_path: str | None = None  # None: the catalogue's adapter file in models/training_adapter/
 
@@ -67,6 +73,7 @@ class TrainingConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     lora_target_blocks: list[str] = field(default_factory=lambda: ["layers"])  # main layers; refiners excluded
     train_text_encoder: bool = False
+    init_lora: str | None = None  # continue from this LoRA file's weights; rank, alpha, targets come from it
 
     # -- optimisation
     learning_rate: float = 1e-4
@@ -84,6 +91,16 @@ class TrainingConfig:
     logit_mean: float = 0.0  # used by "logit_normal"
     logit_std: float = 1.0  # used by "logit_normal"
     loss_weighting: str = "none"  # none | sigma_sqrt | cosmap (diffusers.training_utils)
+    # Differential output preservation (also as `preservation: {weight, prompt}`): 0 is off. The trigger
+    # word in each caption is replaced by `preservation_prompt` and the LoRA is pulled towards the base
+    # model's output on it (MSE x weight).
+    preservation_weight: float = 0.0
+    preservation_prompt: str = ""  # the class prompt, e.g. "a person"
+
+    # -- validation loss: fixed images, noise seeds and sigmas, measured in eval mode without grad
+    validation_images: str | None = None  # a dataset name / folder, or a held-out fraction ("0.1"); None: off
+    validation_sigmas: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    validation_every_n_steps: int = 100  # 0: only at the end
 
     # -- memory
     quantize: bool | str = False  # frozen transformer via bitsandbytes: false, true / "8bit", or "nf4" (4-bit); CUDA
@@ -105,11 +122,13 @@ class TrainingConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int | None = None  # None: the model's default (Turbo 8, De-Turbo 25)
     sample_cfg: float | None = None  # CFG in the usual sense, 1.0 = off; None: the model's default
+    sample_negative_prompt: str | None = None  # used when CFG is on; None: the model's default (base: one)
     sample_seed: int = 42  # prompt i uses seed sample_seed + i, the same at every step
     sample_resolution: int | None = None  # square side of samples; None: the training resolution
 
     # -- logging
     log_every_n_steps: int = 1
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, wandb, mlflow (the [trackers] extra)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,7 +168,7 @@ def _describe(hint: Any) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is list or hint is list:
-        return "a list of strings"
+        return "a list of numbers" if typing.get_args(hint) == (float,) else "a list of strings"
     base = args[0] if args else hint
     text = names.get(base, getattr(base, "__name__", str(base)))
     return text + (" or null" if type(None) in typing.get_args(hint) else "")
@@ -178,6 +197,12 @@ def _coerce(name: str, value: Any) -> tuple[Any, str | None]:
     if value is None:
         return (None, None) if optional else (value, f"must be {_describe(hint)}")
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if typing.get_origin(base) is list and typing.get_args(base) == (float,):
+        if isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value], None
+        return value, "must be a list of numbers"
+    if name == "validation_images" and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value), None  # a held-out fraction written as a number
     if typing.get_origin(base) is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value), None
@@ -222,8 +247,11 @@ def flatten(data: dict[str, Any]) -> dict[str, Any]:
         if key in SECTIONS and isinstance(value, dict):
             for inner, inner_value in value.items():
                 flat.setdefault(inner, inner_value)
+        elif key == "preservation" and isinstance(value, dict):  # {weight, prompt} -> preservation_weight, ...
+            for inner, inner_value in value.items():
+                flat.setdefault(f"preservation_{inner}", inner_value)
     for key, value in data.items():
-        if not (key in SECTIONS and isinstance(value, dict)):
+        if not ((key in SECTIONS or key == "preservation") and isinstance(value, dict)):
             flat[key] = value
     return flat
 

@@ -20,6 +20,7 @@ from zimage.config.limits import (
 from zimage.config.schema import (
     CONFIG_VERSION,
     LOSS_WEIGHTINGS,
+    LR_SCHEDULERS,
     MIXED_PRECISIONS,
     SAVE_DTYPES,
     TARGET_BLOCKS,
@@ -51,10 +52,33 @@ class MachineInfo:
 
     @classmethod
     def detect(cls) -> MachineInfo:
-        import torch
+        """Without creating a CUDA context or importing torch (the app validates on every render): the
+        visible GPUs from NVML, bf16 from their compute capability, and whether torch is a CUDA build."""
+        from zimage.system import bf16_supported, visible_gpus
 
-        cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, bf16=(torch.cuda.is_bf16_supported() if cuda else True))
+        devices = visible_gpus()
+        cuda = bool(devices) and torch_has_cuda()
+        return cls(cuda=cuda, bf16=bf16_supported(devices) if cuda else True)
+
+
+def torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from torch/version.py (`cuda = '12.8'` or None) so that
+    the app does not pay torch's import; imports torch only when that file cannot be read."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = re.search(r"^cuda(?::[^=]*)?=\s*(.+)$", text, re.MULTILINE)
+        if found:
+            return found.group(1).strip() not in ("None", "")
+    import torch
+
+    return torch.version.cuda is not None
 
 
 @dataclass(frozen=True)
@@ -70,6 +94,9 @@ class ResolvedConfig:
     adapter_path: Path | None  # the training adapter merged at +1 before training (Turbo)
     machine: MachineInfo
     warnings: tuple[str, ...] = ()  # valid, but worth knowing before starting (shown and logged)
+    validation_dir: Path | None = None  # validation_images as a dataset folder
+    validation_fraction: float | None = None  # validation_images as a held-out fraction of the training set
+    init_lora_path: Path | None = None  # init_lora resolved (its rank, alpha, targets: training/init_lora.py)
 
 
 def resolve_dataset(dataset_path: str, settings: Settings) -> Path | None:
@@ -106,10 +133,21 @@ def _first_usable_image(folder: DatasetFolder, min_side: int) -> tuple[int, str]
 
 
 @lru_cache(maxsize=16)
-def _optimizer_problem(name: str, device_type: str) -> str | None:
-    from zimage.optimizers import optimizer_problem
+def _optimizer_problem(name: str, device_type: str, test_step: bool = True) -> str | None:
+    from zimage.optimizers import library_problem, optimizer_problem
 
-    return optimizer_problem(name, device_type)
+    return optimizer_problem(name, device_type) if test_step else library_problem(name)
+
+
+def _may_touch_cuda(device_type: str) -> bool:
+    """Whether to probe the optimizer with a real test step. A step on CUDA (or importing bitsandbytes there)
+    initialises CUDA, and any step costs the import of torch (seconds): so only in a process that has torch
+    loaded already (a worker, the CLI's train), on the CPU or where CUDA is initialised. The app server
+    checks only that the optimizer's library is installed; the worker's own validation probes for real."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and (device_type == "cpu" or torch.cuda.is_initialized())
 
 
 def validate_config(config: TrainingConfig, settings: Settings, machine: MachineInfo | None = None) -> ResolvedConfig:
@@ -147,6 +185,10 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         )
     ):
         bad("lora_target_modules", c.lora_target_modules, "context_refiner blocks have no adaLN_modulation; add others")
+    from zimage.config.schema import TRACKERS
+
+    if [t for t in c.report_to if t not in TRACKERS] or len(set(c.report_to)) != len(c.report_to):
+        bad("report_to", c.report_to, f"a list of distinct names from {', '.join(TRACKERS)} (or empty: no tracker)")
     warnings: list[str] = []
     if c.train_text_encoder and c.training_type == "finetune":
         bad("train_text_encoder", True, "not supported for a full fine-tune (it trains the transformer only)")
@@ -157,11 +199,8 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
             "train_text_encoder: text embeddings cannot be cached while the text encoder trains, so every step "
             "runs the text encoder (slower, and it stays in memory)"
         )
-    from diffusers.optimization import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
-    if c.lr_scheduler not in schedulers:
-        bad("lr_scheduler", c.lr_scheduler, f"must be one of {', '.join(schedulers)}")
+    if c.lr_scheduler not in LR_SCHEDULERS:
+        bad("lr_scheduler", c.lr_scheduler, f"must be one of {', '.join(LR_SCHEDULERS)}")
     if c.timestep_sampling not in TIMESTEP_SAMPLINGS:
         bad("timestep_sampling", c.timestep_sampling, f"must be one of {', '.join(TIMESTEP_SAMPLINGS)}")
     if c.loss_weighting not in LOSS_WEIGHTINGS:
@@ -192,7 +231,7 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
     if c.optimizer not in OPTIMIZERS:
         bad("optimizer", c.optimizer, f"must be one of {', '.join(OPTIMIZERS)}")
     else:
-        reason = _optimizer_problem(c.optimizer, machine.device_type)
+        reason = _optimizer_problem(c.optimizer, machine.device_type, _may_touch_cuda(machine.device_type))
         if reason:
             bad("optimizer", c.optimizer, f"cannot run on this machine ({reason}); choose another optimizer")
 
@@ -211,13 +250,13 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
     model_type = c.model_type or (entry.model_type if entry else None)
     use_adapter = c.use_training_adapter if c.use_training_adapter is not None else model_type == "turbo"
     adapter_path = None
-    if c.training_type == "finetune" and model_type != "de_turbo":
+    if c.training_type == "finetune" and model_type not in catalogue.UNDISTILLED_TYPES:
         bad(
-            "training_type", "finetune", "a full fine-tune needs a De-Turbo model (model_type de_turbo): Turbo is "
-            "step-distilled, and training all of its weights undoes the distillation; use z-image-de-turbo",
+            "training_type", "finetune", "a full fine-tune needs a De-Turbo model or Z-Image base (undistilled: model_type "
+            "de_turbo or base): Turbo is step-distilled, and training all of its weights undoes the distillation; use z-image",
         )  # fmt: skip
-    if use_adapter and model_type == "de_turbo":
-        bad("use_training_adapter", True, "the training adapter is for Turbo models; De-Turbo trains without it")
+    if use_adapter and model_type in catalogue.UNDISTILLED_TYPES:
+        bad("use_training_adapter", True, f"the training adapter is for Turbo models; {model_type} trains without it")
     elif use_adapter and model_type == "turbo":
         adapter_path = _adapter_path(c, entry, settings)
         if adapter_path is None or not adapter_path.is_file():
@@ -254,6 +293,41 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         elif reason:
             bad("dataset_path", c.dataset_path, f"none of its {count} images is usable (last: {reason})")
 
+    # -- validation loss, preservation, init_lora (what they point at)
+    validation_dir, validation_fraction = None, None
+    if c.validation_images is not None and c.validation_images.strip():
+        try:
+            validation_fraction = float(c.validation_images.strip().rstrip("%")) / (
+                100 if c.validation_images.strip().endswith("%") else 1
+            )
+        except ValueError:
+            validation_dir = resolve_dataset(c.validation_images.strip(), settings)
+            if validation_dir is None:
+                bad("validation_images", c.validation_images, f"no such dataset in {settings.datasets_dir} and no "
+                    "such folder (or give a held-out fraction of the training set, e.g. 0.1)")  # fmt: skip
+        else:
+            if not 0 < validation_fraction < 1:
+                bad("validation_images", c.validation_images, "a held-out fraction must be above 0 and below 1")
+    if (validation_dir or validation_fraction) and c.train_text_encoder:
+        warnings.append("validation_images with train_text_encoder: the validation loss uses the frozen text "
+                        "encoder's embeddings, so it measures the transformer LoRA only")  # fmt: skip
+    if not c.validation_sigmas or len(c.validation_sigmas) > 32 or not all(0 < s <= 1 for s in c.validation_sigmas):
+        bad("validation_sigmas", c.validation_sigmas, "1 to 32 noise levels, each above 0 and at most 1")
+    if c.preservation_weight > 0:
+        if not c.preservation_prompt.strip():
+            bad("preservation_prompt", c.preservation_prompt, "required when preservation_weight > 0 (e.g. a person)")
+        if c.training_type != "lora" or c.train_text_encoder:
+            bad("preservation_weight", c.preservation_weight, "works on a transformer LoRA only (training_type "
+                "lora, train_text_encoder false)")  # fmt: skip
+    init_lora_path = None
+    if c.init_lora:
+        init_lora_path = Path(c.init_lora).expanduser()
+        init_lora_path = init_lora_path if init_lora_path.is_absolute() else settings.home / init_lora_path
+        if init_lora_path.suffix != ".safetensors" or not init_lora_path.is_file():
+            bad("init_lora", c.init_lora, f"{init_lora_path} must be an existing .safetensors LoRA file")
+        if c.training_type != "lora":
+            bad("init_lora", c.init_lora, "continues a LoRA; a full fine-tune has none")
+
     # -- the output file
     suffix = "" if c.training_type == "finetune" else ".safetensors"  # a fine-tune is a folder
     output_path = output_dir_for(c, settings) / f"{c.output_name}{suffix}"
@@ -282,6 +356,11 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         sample_steps=c.sample_steps if c.sample_steps is not None else steps,
         sample_cfg=c.sample_cfg if c.sample_cfg is not None else cfg,
         timestep_shift=shift,
+        sample_negative_prompt=(
+            c.sample_negative_prompt
+            if c.sample_negative_prompt is not None
+            else catalogue.NEGATIVE_PROMPTS.get(model_type, "")
+        ),
     )
     return ResolvedConfig(
         config=filled,
@@ -293,6 +372,9 @@ def validate_config(config: TrainingConfig, settings: Settings, machine: Machine
         adapter_path=adapter_path,
         machine=machine,
         warnings=tuple(warnings),
+        validation_dir=validation_dir,
+        validation_fraction=validation_fraction,
+        init_lora_path=init_lora_path,
     )
 
 

@@ -52,6 +52,7 @@ class DatasetInfo:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     caption_prefix: str = ""
     caption_suffix: str = ""
+    owner: str = ""  # who created it (zimage.auth: members change only their own); "" before logins were on
 
     @classmethod
     def from_dict(cls, data: dict) -> DatasetInfo:
@@ -71,6 +72,7 @@ class DatasetRecord(Record):
     created: str = ""
     caption_prefix: str = ""
     caption_suffix: str = ""
+    owner: str = ""
 
 
 class DamagedDataset(UserError):
@@ -134,7 +136,10 @@ class DatasetFolder:
 
     def write_info(self, info: DatasetInfo) -> None:
         info.num_images = len(self.items())
-        write_json(self.info_path, asdict(info))
+        data = asdict(info)
+        if not data["owner"]:  # mode none records no owner (zimage.auth); the file stays as it always was
+            del data["owner"]
+        write_json(self.info_path, data)
 
     def items(self) -> list[DatasetItem]:
         """Images (by extension) in name order, with their same-stem caption paths.

@@ -15,7 +15,9 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from zimage.auth import acting, audited
 from zimage.data.folders import DATASET_TYPES, DatasetFolder, DatasetInfo, DatasetItem, check_slug
+from zimage.data.ownership import on_dataset_folder, on_dataset_name, on_new_dataset
 from zimage.errors import UserError
 from zimage.fsio import atomic_write
 from zimage.records import Damaged
@@ -74,6 +76,7 @@ def _clean_fields(fields: dict) -> dict:
     return out
 
 
+@audited("dataset.create", on_new_dataset)
 def create_dataset(settings: Settings, name: str, /, **fields) -> DatasetFolder:
     """Create `datasets/<name>/` with an empty images/ folder and dataset.json.
 
@@ -90,13 +93,15 @@ def create_dataset(settings: Settings, name: str, /, **fields) -> DatasetFolder:
         raise DatasetError(f"dataset name: {name!r} is already taken by {what}; choose another name") from None
     try:
         folder.images_dir.mkdir()
-        folder.write_info(DatasetInfo(name=name, **clean))
+        who = acting() if settings.home_settings().auth.mode != "none" else None  # mode none: no owner kept
+        folder.write_info(DatasetInfo(name=name, owner=who.name if who else "", **clean))
     except BaseException:
         shutil.rmtree(folder.path, ignore_errors=True)
         raise
     return folder
 
 
+@audited("dataset.edit", on_dataset_name)
 def update_dataset(settings: Settings, name: str, /, **fields) -> DatasetInfo:
     """Change editable settings of an existing dataset; returns the new info."""
     folder = open_dataset(settings, name)
@@ -109,6 +114,7 @@ def update_dataset(settings: Settings, name: str, /, **fields) -> DatasetInfo:
     return info
 
 
+@audited("dataset.delete", on_dataset_name)
 def delete_dataset(settings: Settings, name: str) -> None:
     """Remove a dataset folder. It is renamed to a hidden name first, so it vanishes from lists at once."""
     folder = open_dataset(settings, name)
@@ -182,6 +188,7 @@ def clean_caption(text: str) -> str:
     return text
 
 
+@audited("dataset.caption.edit", on_dataset_folder)
 def write_caption(folder: DatasetFolder, image_name: str, text: str) -> Path:
     """Save the caption of one image (atomically); returns the caption path."""
     item = find_item(folder, image_name)
@@ -189,6 +196,7 @@ def write_caption(folder: DatasetFolder, image_name: str, text: str) -> Path:
     return item.caption_path
 
 
+@audited("dataset.images.delete", on_dataset_folder)
 def delete_images(folder: DatasetFolder, image_names: list[str]) -> list[str]:
     """Delete images with their captions and cached thumbnails; returns the names deleted."""
     from zimage.data.thumbnails import drop_thumbnails
@@ -205,12 +213,13 @@ def delete_images(folder: DatasetFolder, image_names: list[str]) -> list[str]:
 
 
 def join_prefix(prefix: str, caption: str) -> str:
-    """`prefix` in front of `caption`, separated by ', ' unless the prefix already ends in a separator."""
+    """`prefix` in front of `caption`, exactly as typed: a prefix ending in a space is followed directly, one
+    ending in , ; or : gets a space ("sks," never runs into "sks,a"), any other gets ', '."""
     if not prefix:
         return caption
     if not caption:
-        return prefix.rstrip(" ,")
-    sep = "" if prefix[-1] in " ,;:" else ", "
+        return prefix.rstrip(" ,;:")
+    sep = "" if prefix[-1].isspace() else " " if prefix[-1] in ",;:" else ", "
     return f"{prefix}{sep}{caption}"
 
 
@@ -218,8 +227,8 @@ def join_suffix(caption: str, suffix: str) -> str:
     if not suffix:
         return caption
     if not caption:
-        return suffix.lstrip(" ,")
-    sep = "" if suffix[0] in " ,;:." else ", "
+        return suffix.lstrip(" ,;:.")
+    sep = "" if suffix[0].isspace() or suffix[0] in ",;:." else ", "
     return f"{caption}{sep}{suffix}"
 
 
@@ -230,6 +239,7 @@ class CaptionChange:
     after: str
 
 
+@audited("dataset.bulk_captions.edit", on_dataset_folder, unless=lambda *a, dry_run=False, **k: dry_run)
 def bulk_edit_captions(
     folder: DatasetFolder,
     *,
@@ -247,11 +257,13 @@ def bulk_edit_captions(
     left alone unless `include_uncaptioned` (then they get the prefix/suffix as their caption).
     Returns the captions that change; with `dry_run` nothing is written (a preview).
     """
-    prefix, suffix = clean_caption(prefix), clean_caption(suffix)
+    # What the person typed, kept exactly (a trailing space of the prefix is its separator); only line
+    # breaks become spaces. The caption's own two ends are trimmed when it is written (clean_caption).
+    prefix, suffix = (clean_caption(f"|{t}|")[1:-1] if t.strip() else "" for t in (prefix, suffix))
     if not (prefix or suffix or find):
         raise DatasetError("bulk edit: give a prefix, a suffix or a text to find")
     items = [find_item(folder, n) for n in image_names] if image_names is not None else folder.items()
-    changes = []
+    changes, paths = [], {}
     for item in items:
         before = item.caption
         if before is None and not include_uncaptioned:
@@ -266,8 +278,13 @@ def bulk_edit_captions(
         text = clean_caption(text)
         if text != before:
             changes.append(CaptionChange(item.image.name, before, text))
-            if not dry_run:
-                atomic_write(item.caption_path, text + "\n")
+            paths[item.image.name] = item.caption_path
+    if changes and not dry_run:
+        from zimage.data.caption_undo import save_undo
+
+        save_undo(folder, changes)  # first, so even an edit cut short half-way can be undone
+        for change in changes:
+            atomic_write(paths[change.image], change.after + "\n")
     return changes
 
 

@@ -23,8 +23,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
+from zimage.auth import audited
 from zimage.data.folders import DatasetFolder
 from zimage.data.manage import clean_caption, image_hashes, image_root, refresh_count
+from zimage.data.ownership import on_dataset_folder
 from zimage.errors import UserError
 from zimage.fsio import atomic_write, fsync_file, place, temp_file
 
@@ -286,6 +288,7 @@ def _bytes_entry(name: str, data: bytes) -> UploadEntry:
     return UploadEntry(name=name, size=len(data), read=lambda n: data[:n])
 
 
+@audited("dataset.upload", on_dataset_folder)
 def add_files(
     folder: DatasetFolder, files: Iterable[tuple[str, bytes]], limits: UploadLimits | None = None
 ) -> UploadReport:
@@ -328,6 +331,7 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[int], b
     return read
 
 
+@audited("dataset.upload", on_dataset_folder)
 def add_zip(
     folder: DatasetFolder,
     archive: Path | str | bytes,
@@ -351,6 +355,7 @@ def add_zip(
     return report
 
 
+@audited("dataset.upload", on_dataset_folder)
 def add_folder(folder: DatasetFolder, source: Path | str, limits: UploadLimits | None = None) -> UploadReport:
     """Import a folder on this machine (subfolders included); symlinks are not followed."""
     source = Path(source).expanduser()

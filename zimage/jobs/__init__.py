@@ -2,10 +2,13 @@
 
 Pages and the CLI call these functions; none of them needs the registry database:
 
-    enqueue(settings, kind, config, user=None, name=None) -> run_id   put a job in line
-    control(settings, run_id, action)      stop | pause | resume | save_now | sample_now (stop on a
+    enqueue(settings, kind, config, user=None, name=None, actor=None) -> run_id   put a job in line
+    control(settings, run_id, action, actor=None)   stop | pause | resume | save_now | sample_now (stop on a
                                            queued job cancels it; resume on a stopped/lost run requeues it)
-    cancel / move_up / move_down / delete_run(settings, run_id)
+    cancel / move_up / move_down / delete_run(settings, run_id, actor=None)
+
+`actor` (zimage.auth.Actor) is who acts: a member changes only their own runs, an admin anyone's, a viewer
+none (zimage.auth.require); each attempt is an event in events.jsonl, refused ones too.
     ensure_scheduler(settings)             start this host's scheduler thread once (app)
     registry_for(settings)                 the app's registry for the query functions of zimage.registry
     rebuild(settings)                      `zimage registry rebuild`, whoever owns the registry now

@@ -9,6 +9,7 @@ The registry database only mirrors these files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import secrets
@@ -101,8 +102,12 @@ def enqueue(
     user: str | None = None,
     name: str | None = None,
     gpus: int = 1,
+    actor=None,
 ) -> str:
     """Put a job at the end of the queue and return its run id at once; the scheduler starts it.
+
+    `actor` (a zimage.auth.Actor) is who launches it: a viewer is refused, and outside auth mode none
+    the run's `user` is the actor's name whatever `user` says. The launch is an event in events.jsonl.
 
     Writes `runs/<run_id>/config.json` and `status.json` (state "queued", kind, user, name, created,
     queue_order). The folder is built under a hidden name and renamed into place, so nobody ever
@@ -114,9 +119,27 @@ def enqueue(
         raise JobError("config: must be a mapping of settings")
     if not isinstance(gpus, int) or gpus < 1:
         raise JobError(f"gpus: {gpus!r} must be a whole number of at least 1")
+    from zimage.auth import auth_mode, checked, default_actor
     from zimage.jobs.users import check_user_name, os_user
 
+    who = default_actor(settings, actor, user)
+    if auth_mode(settings) != "none":
+        user = who.name  # a team home: the signed-in name, whatever the caller typed
+    elif user is not None and str(user).strip():  # mode none: the name given, as always
+        who = dataclasses.replace(who, name=check_user_name(user))
     user = check_user_name(user) if user is not None and str(user).strip() else os_user()
+    verb, owner = "create", user
+    if kind == "caption" and isinstance(config.get("dataset"), str):  # captions rewrite a dataset: its owner's call
+        from zimage.data.ownership import on_dataset_name
+
+        verb, owner = "edit", on_dataset_name(settings, config["dataset"])[2]
+    with checked(settings, who, f"{kind}.launch", "run:(new)", owner=owner, verb=verb) as note:
+        run_id = _enqueue(settings, kind, config, user, name, gpus)
+        note.update(detail=f"queued {name or run_id}", folder=settings.runs_dir / run_id, target=f"run:{run_id}")
+    return run_id
+
+
+def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str | None, gpus: int) -> str:
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -17,6 +17,7 @@ from zimage.registry.queries import (
     overview,
     queue,
     run_detail,
+    run_numbers,
     sample_steps,
     samples,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "overview",
     "queue",
     "run_detail",
+    "run_numbers",
     "sample_steps",
     "samples",
 ]

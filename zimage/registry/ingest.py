@@ -24,6 +24,7 @@ from pathlib import Path
 from zimage.data.folders import DatasetFolder, list_datasets
 from zimage.records import Damaged
 from zimage.registry.db import Registry
+from zimage.registry.events import ingest_events
 from zimage.registry.jsonl import Chunk, drop_superseded, parse_metrics, parse_samples, read_new_bytes
 from zimage.registry.rows import (
     RUN_COLUMNS,
@@ -138,8 +139,9 @@ class Ingester:
             self.ingest_run(gone)
         try:
             self.scan_datasets()
+            ingest_events(self.reg, self.settings)  # the home's events.jsonl (zimage.registry.events)
         except Exception:
-            log.exception("ingest of datasets failed; will retry")
+            log.exception("ingest of datasets or events failed; will retry")
         return added
 
     def _prepare_safely(self, run_id: str) -> _Pending | None:
@@ -196,7 +198,9 @@ class Ingester:
                 self._forget(run_id)
                 return 0
             pending = self._prepare(run_id)
-            return self._commit([pending]) if pending is not None else 0
+            added = self._commit([pending]) if pending is not None else 0
+            ingest_events(self.reg, self.settings)  # a button press: its event shows on the run's timeline now
+            return added
 
     def _forget(self, run_id: str) -> None:
         with self.reg.write() as cur:
@@ -316,7 +320,7 @@ class Ingester:
         if p.checkpoints is not None:
             cur.execute("DELETE FROM checkpoints WHERE run_id = ?", [run_id])
             if p.checkpoints:
-                cur.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)", p.checkpoints)
+                cur.executemany("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?)", p.checkpoints)
         cur.execute(_UPSERT_RUN, [p.row[c] for c in RUN_COLUMNS])
         for name, rec in (("metrics", p.m_rec), ("samples", p.s_rec)):
             if rec is not None:

@@ -131,6 +131,24 @@ def metric_series(
     return reg.fetch_df(sql, times + ids + [int(max_points), int(max_points)])
 
 
+def run_numbers(reg: Registry, run_ids: str | Sequence[str]) -> pd.DataFrame:
+    """One row per run that logged metrics: final_loss (the last step's), best_val_loss and best_val_step
+    (the lowest validation loss, the earliest step on a tie), val_points, s_per_step (median step time) and
+    peak_memory (the highest mem_peak, bytes). For the Runs summary and the Compare table."""
+    ids = _as_list(run_ids) or []
+    cols = ["run_id", "final_loss", "best_val_loss", "best_val_step", "val_points", "s_per_step", "peak_memory"]
+    if not ids:
+        return pd.DataFrame(columns=cols)
+    return reg.fetch_df(
+        f"""SELECT run_id, arg_max(loss, step) FILTER (WHERE loss IS NOT NULL) AS final_loss,
+                   min(val_loss) AS best_val_loss,
+                   arg_min(step, (val_loss, step)) FILTER (WHERE val_loss IS NOT NULL) AS best_val_step,
+                   count(val_loss) AS val_points, median(step_time) AS s_per_step, max(mem_peak) AS peak_memory
+            FROM metrics WHERE run_id IN ({", ".join("?" * len(ids))}) GROUP BY run_id ORDER BY run_id""",
+        ids,
+    )
+
+
 def samples(reg: Registry, run_id: str, step: int | None = None) -> pd.DataFrame:
     """Sample images of a run (optionally of one step), in step order; `path` is absolute."""
     sql = "SELECT step, prompt, seed, path, extra, line FROM samples WHERE run_id = ?"
@@ -151,10 +169,10 @@ def sample_steps(reg: Registry, run_id: str) -> list[int]:
 
 
 def checkpoints(reg: Registry, run_id: str) -> pd.DataFrame:
-    """A run's checkpoints (name, step, absolute path, size in bytes, mtime, problem), oldest step first;
-    `problem` is None for a whole checkpoint, else what is wrong with its progress.json."""
+    """A run's checkpoints (name, step, absolute path, size in bytes, mtime, problem, val_loss), oldest step
+    first; `problem` is None for a whole checkpoint, else what is wrong with its progress.json."""
     df = reg.fetch_df(
-        "SELECT name, step, path, size, mtime, problem FROM checkpoints WHERE run_id = ? "
+        "SELECT name, step, path, size, mtime, problem, val_loss FROM checkpoints WHERE run_id = ? "
         "ORDER BY step NULLS LAST, name",
         [run_id],
     )

@@ -128,8 +128,9 @@ def apply_metrics(row: dict, table: pa.Table | None) -> None:
 def list_checkpoints(run_id: str, folder: Path) -> list[list]:
     """Entries of checkpoints/ (path relative to the run folder); the step is the last number in the name.
 
-    The last value is the checkpoint's problem: its progress.json (written last, so its absence means the
-    checkpoint is not whole) is missing, damaged or not marked complete; None for a sound one."""
+    Then the checkpoint's problem: its progress.json (written last, so its absence means the checkpoint is
+    not whole) is missing, damaged or not marked complete; None for a sound one. Last, the val_loss its
+    progress.json recorded (None when none was measured at its step)."""
     out = []
     if not folder.is_dir():
         return out
@@ -143,14 +144,15 @@ def list_checkpoints(run_id: str, folder: Path) -> list[list]:
         except FileNotFoundError:
             continue
         step = to_int(digits[-1]) if digits else None
-        out.append([run_id, entry.name, step, f"checkpoints/{entry.name}", size, st.st_mtime, _problem(entry)])
+        out.append([run_id, entry.name, step, f"checkpoints/{entry.name}", size, st.st_mtime, *_problem(entry)])
     return out
 
 
-def _problem(entry: Path) -> str | None:
+def _problem(entry: Path) -> tuple[str | None, float | None]:
+    """(problem, val_loss) of a checkpoint entry, from its progress.json."""
     if not entry.is_dir():
-        return None  # a single-file checkpoint of another layout: nothing to check
+        return None, None  # a single-file checkpoint of another layout: nothing to check
     progress = read_progress(entry / "progress.json")
     if isinstance(progress, Damaged):
-        return progress.problem
-    return None if progress.complete else "progress.json: not marked complete"
+        return progress.problem, None
+    return (None if progress.complete else "progress.json: not marked complete"), progress.val_loss

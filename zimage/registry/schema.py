@@ -13,6 +13,7 @@ Tables (times are Unix seconds, as in status.json):
     metrics      one row per metrics.jsonl line: (run_id, line) + the DESIGN.md metric fields
     samples      one row per samples.jsonl line
     checkpoints  one row per entry of a run's checkpoints/ folder
+    events       one row per line of the home's events.jsonl: who did what to which run or dataset
     ingest_files how far each append-only file has been read (byte offset, lines, malformed lines)
     jobs (view)  the runs that are not training runs
 """
@@ -23,6 +24,9 @@ from zimage.errors import UserError
 from zimage.run_records import METRIC_FIELDS
 
 METRIC_COLUMNS = METRIC_FIELDS[1:]  # every field but `step` is a DOUBLE column
+# The metric columns the first schema had; later ones come by migration (v5: val_loss).
+_V1_METRIC_COLUMNS = ("loss", "lr", "grad_norm", "step_time", "samples_per_s", "mem_allocated", "mem_peak", "elapsed",
+                      "eta")  # fmt: skip
 
 _V1 = [
     "CREATE TABLE IF NOT EXISTS schema_meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -44,7 +48,7 @@ _V1 = [
     # group for numbers, but only an 8-byte prefix for strings, which all ids of one day share; filtering
     # on run_time too lets a series query skip the row groups of other runs (50 -> 2 at 5 M rows).
     "CREATE TABLE metrics (run_id VARCHAR, run_time BIGINT, line BIGINT, step BIGINT, "
-    + ", ".join(f"{c} DOUBLE" for c in METRIC_COLUMNS)
+    + ", ".join(f"{c} DOUBLE" for c in _V1_METRIC_COLUMNS)
     + ")",
     """CREATE TABLE samples (
         run_id VARCHAR, line BIGINT, step BIGINT, prompt VARCHAR, seed BIGINT, path VARCHAR, extra VARCHAR)""",
@@ -74,9 +78,22 @@ _V4 = [
     "CREATE OR REPLACE VIEW jobs AS SELECT * FROM runs WHERE kind <> 'train'",
 ]
 
-MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4)]
+# v5: the validation loss of a step (issue 13), after the other metric columns (inserts go by position).
+_V5 = [
+    "ALTER TABLE metrics ADD COLUMN val_loss DOUBLE",
+    "ALTER TABLE checkpoints ADD COLUMN val_loss DOUBLE",  # what the checkpoint's progress.json recorded
+]
+
+# v6: the record of every action (issue 18): one row per line of the home's events.jsonl (zimage.events).
+_V6 = [
+    """CREATE TABLE IF NOT EXISTS events (
+        line BIGINT PRIMARY KEY, time DOUBLE, user_name VARCHAR, role VARCHAR, action VARCHAR, target VARCHAR,
+        owner VARCHAR, source VARCHAR, result VARCHAR, detail VARCHAR, as_admin BOOLEAN)""",
+]
+
+MIGRATIONS: list[tuple[int, list[str]]] = [(1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5), (6, _V6)]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-TABLES = ("datasets", "runs", "metrics", "samples", "checkpoints")  # the content `rebuild` reproduces
+TABLES = ("datasets", "runs", "metrics", "samples", "checkpoints", "events")  # the content `rebuild` reproduces
 
 
 class RegistryError(UserError):

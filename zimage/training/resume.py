@@ -49,10 +49,10 @@ def write_weights(folder: Path, model, training_type: str, lora_alpha: float, me
 
 def save_checkpoint(
     checkpoints_dir: Path, *, step: int, losses: list[float], training_type: str, optimizer, lr_scheduler, sampler,
-    num_processes: int, write: Callable[[Path], None], reason: str = "", keep_last: int = 0,
+    num_processes: int, write: Callable[[Path], None], reason: str = "", keep_last: int = 0, extra: dict | None = None,
 ) -> Checkpoint:  # fmt: skip
     """Write checkpoint `step` (main process only; the caller synchronises). `write(folder)` writes the
-    weights (see write_weights); the rest is the resume state."""
+    weights (see write_weights); the rest is the resume state. `extra` goes into progress.json (val_loss)."""
     state = {
         "format": STATE_FORMAT,
         "step": step,
@@ -64,7 +64,7 @@ def save_checkpoint(
         "rng": checkpoints.rng_state(),
         "losses": torch.tensor(losses, dtype=torch.float64),
     }
-    progress = {**sampler.state_dict(), "reason": reason, "training_type": training_type}
+    progress = {**sampler.state_dict(), "reason": reason, "training_type": training_type, **(extra or {})}
     return checkpoints.write_checkpoint(checkpoints_dir, step, write, state, progress, keep_last=keep_last)
 
 
@@ -93,7 +93,9 @@ def _load_lora(model, ckpt: Checkpoint) -> None:
 def _load_transformer(model, ckpt: Checkpoint) -> None:
     from diffusers import ZImageTransformer2DModel
 
-    saved = ZImageTransformer2DModel.from_pretrained(ckpt.transformer_dir, torch_dtype=torch.float32)
+    saved = ZImageTransformer2DModel.from_pretrained(
+        ckpt.transformer_dir, torch_dtype=torch.float32, use_safetensors=True
+    )
     model.load_state_dict(saved.state_dict())  # copies into the trained (and prepared) tensors in place
     del saved
 

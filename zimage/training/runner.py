@@ -34,7 +34,7 @@ def run_training(
     (step-000040) resumes from that checkpoint instead, with no fallback if it is damaged.
     """
     from zimage.training.checkpoints import find_checkpoint, newest_checkpoint, resumable_checkpoints
-    from zimage.training.distributed import is_main_rank
+    from zimage.training.distributed import is_main_rank, record_rank_error, watch_launcher
     from zimage.training.trainer import LoraTrainer
 
     run_dir = Path(run_dir)
@@ -67,8 +67,10 @@ def run_training(
         }
 
     def describe(exc: BaseException) -> str | None:
+        record_rank_error(exc)  # under torchrun: the agent (zimage.jobs.ranks) fails the job with it
         return out_of_memory_message(resolved.config, str(exc)) if _is_out_of_memory(exc) else None
 
+    watch_launcher(run_dir if main else None)  # under torchrun: no rank outlives its agent
     return run_job(run_dir, "train", train, total_steps=resolved.config.num_steps, writer=main, echo=echo,
                    describe_error=describe)  # fmt: skip
 

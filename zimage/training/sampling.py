@@ -52,18 +52,20 @@ class SampleSettings:
     width: int
     height: int
     seed: int  # prompt i uses seed + i, the same at every step
+    negative_prompt: str = ""  # what CFG steers away from (base: the model's default, DESIGN.md section 4)
 
     @classmethod
     def from_config(cls, config, fallback_caption: str = "") -> SampleSettings:
         side = int(config.sample_resolution or config.resolution)
         return cls(sample_prompts(config, fallback_caption), int(config.sample_steps or 8),
-                   float(config.sample_cfg or 1.0), side, side, int(config.sample_seed))  # fmt: skip
+                   float(config.sample_cfg or 1.0), side, side, int(config.sample_seed),
+                   " ".join((config.sample_negative_prompt or "").split()))  # fmt: skip
 
 
 class TrainingSampler:
     """Draws the sample images of one run (main process only).
 
-    `embed(prompts)` gives prompt -> embedding (the empty prompt included, the negative one); with
+    `embed(prompts)` gives prompt -> embedding (the negative prompt included); with
     `fixed_embeddings` it is called once and kept (cached text embeddings), otherwise at every sample (a
     text encoder that trains). `adapter_path`: the training adapter merged into the weights, reversed at
     -1.0 while sampling (None: none). `autocast`: the accelerator's autocast context. Images and
@@ -88,7 +90,7 @@ class TrainingSampler:
     # -- inputs, loaded on first use -------------------------------------------------------------------
     def _prompt_embeddings(self) -> dict[str, torch.Tensor]:
         if self._embeddings is None or not self.fixed_embeddings:
-            self._embeddings = self.embed([*self.settings.prompts, ""])
+            self._embeddings = self.embed([*self.settings.prompts, self.settings.negative_prompt])
         return self._embeddings
 
     def _pipeline(self, transformer):
@@ -120,7 +122,7 @@ class TrainingSampler:
         """(prompt, seed, PIL image) for every prompt, drawn with `model` (the unwrapped transformer)."""
         embeddings = self._prompt_embeddings()
         s, dtype = self.settings, self.dtype  # what the frozen weights hold; the pipeline casts latents to it too
-        negative = embeddings[""].to(self.device, dtype)
+        negative = embeddings[s.negative_prompt].to(self.device, dtype)
         pipe = self._pipeline(model)
         out = []
         was_training = model.training
@@ -157,6 +159,7 @@ class TrainingSampler:
             record = {
                 "step": step, "prompt": prompt, "seed": seed, "path": rel, "index": i, "reason": reason,
                 "steps": s.steps, "cfg": s.cfg, "width": s.width, "height": s.height,
+                **({"negative_prompt": s.negative_prompt} if s.cfg > 1.0 else {}),
             }  # fmt: skip
             records.append(record)
             if self.run is not None:

@@ -19,24 +19,23 @@ from zimage.config import ResolvedConfig
 from zimage.data.cache import CacheStats, FeatureCache
 from zimage.data.captions import drop_caption
 from zimage.data.training_set import BucketBatchSampler, TrainingSet
-from zimage.errors import UserError
 from zimage.optimizers import build_optimizer
 from zimage.runfolder import ControlRequests
 from zimage.settings import Settings
-from zimage.training import lora_io, resume, zimage_math
+from zimage.training import resume, trackers, validation, zimage_math
+from zimage.training import trainer_parts as parts
 from zimage.training.checkpoints import Checkpoint
 from zimage.training.control import TrainingControl
 from zimage.training.distributed import make_accelerator
 from zimage.training.features import Features, prepare_features, scan_training_set
+from zimage.training.init_lora import load_weights, with_file_shape
 from zimage.training.model_setup import ADAPTER_NAME, target_regex, trainable_transformer  # noqa: F401 - API
 from zimage.training.output import save_output
+from zimage.training.preservation import build_preservation
 from zimage.training.reporting import Reporter, memory_figures
+from zimage.training.trainer_parts import TrainingDiverged  # noqa: F401 - API
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the message says at which step and what to change."""
 
 
 @dataclass
@@ -65,8 +64,9 @@ class LoraTrainer:
     NaN detection; stop / pause / save-now / sample-now requests (control.py); samples at step 0, every
     N steps and at the end (sampling.py); atomic checkpoints every N steps with the last K kept and exact
     resume from one (checkpoints.py, resume.py); a LoRA on the text encoder too (text_lora.py); a full
-    fine-tune (De-Turbo; finetune.py writes a diffusers folder); bitsandbytes 8-bit / NF4 loading of the
-    frozen transformer and text encoder on CUDA.
+    fine-tune (De-Turbo or base; finetune.py writes a diffusers folder); bitsandbytes 8-bit / NF4 loading
+    of the frozen transformer and text encoder on CUDA; a validation loss at fixed sigmas (validation.py);
+    differential output preservation (preservation.py); continuing from a LoRA file (init_lora.py).
     """
 
     def __init__(
@@ -88,6 +88,8 @@ class LoraTrainer:
         self.step = 0  # optimizer steps done
         self.stop_requested = False
         self.losses: list[float] = []
+        self.val_losses: dict[int, float] = {}  # step -> val_loss (validation.py)
+        self.validator = self.preserver = None
         self.accelerator = self.transformer = self.optimizer = self.lr_scheduler = None
         self.text_lora = self.text_encoder = None  # train_text_encoder: TextEncoderLora, its prepared model
         self.image_sampler = None  # sampling.TrainingSampler, built on the first sample
@@ -113,23 +115,22 @@ class LoraTrainer:
         self.cache = FeatureCache(self.settings.cache_dir)
         self.training_set = scan_training_set(r.dataset_dir, c, self.cache, log=self.report.log)
         with acc.main_process_first():  # one process encodes; the others then find the cache
+            self.training_set, self.validator = validation.build_validator(r, self.training_set, self._features,
+                lambda folder: scan_training_set(folder, c, self.cache, self.report.log), self.report.log)  # fmt: skip
             self.features = self._features(self.training_set)
+            self.preserver = build_preservation(c, self.training_set, self._texts, acc.unwrap_model, self.report.log)
+        self.config, init = with_file_shape(c, r.init_lora_path, self.report.log)  # init_lora: its rank, alpha...
+        c = self.config
 
         self.report.progress(phase="loading transformer")
         self.transformer, self.params = trainable_transformer(
             c, r.model_dir, r.adapter_path, self.device, self.weight_dtype, log=self.report.log
         )
+        if init is not None:
+            load_weights(self.transformer, init, ADAPTER_NAME)
         if c.train_text_encoder:
-            from zimage.training.text_lora import TextEncoderLora
-
-            self.text_lora = TextEncoderLora(
-                r.model_dir, self.device, self.weight_dtype, rank=c.lora_rank, alpha=c.lora_alpha,
-                dropout=c.lora_dropout, gradient_checkpointing=c.gradient_checkpointing,
-                fp32_weights=c.mixed_precision != "no",
-            )  # fmt: skip
+            self.text_lora = parts.text_encoder_lora(c, r.model_dir, self.device, self.weight_dtype, self.report.log)
             self.params = self.params + self.text_lora.params
-            count = sum(p.numel() for p in self.text_lora.params)
-            self.report.log(f"Text encoder LoRA: {count:,} trainable parameters (embeddings computed every step)")
 
         self.optimizer = build_optimizer(c.optimizer, self.params, c.learning_rate, c.weight_decay)
         n = acc.num_processes  # accelerate steps a prepared scheduler once per process
@@ -148,6 +149,7 @@ class LoraTrainer:
         self.noise_gen = torch.Generator().manual_seed(c.seed + 1000 * acc.process_index)
         self.caption_rng = random.Random(c.seed + 7 * acc.process_index)
         self.control = TrainingControl(acc, self.report, stopping=lambda: self.stop_requested)
+        self.trackers = trackers.attach(self.report, c, self.run_dir)  # report_to: TensorBoard, W&B, MLflow
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
 
@@ -155,9 +157,7 @@ class LoraTrainer:
         """Latents of `ts` and embeddings of its captions (or of `captions`), from the cache or encoded."""
         c = self.config
         if captions is None:
-            captions = [it.caption for it in ts.items] + ([""] if c.caption_dropout > 0 else [])
-            if c.train_text_encoder:  # the encoder changes every step: its embeddings cannot be cached
-                captions = []
+            captions = parts.training_captions(c, ts)
             self.report.status(phase="caching latents and text")
         log = self.report.log if ts.items else (lambda _m: None)  # prompts for samples: quietly
         return prepare_features(
@@ -183,10 +183,7 @@ class LoraTrainer:
         c, latents = self.config, self.features.latents
         x0 = self._on_device(latents[batch[0]][None] if len(batch) == 1 else torch.stack([latents[i] for i in batch]))
         noise = self._on_device(torch.randn(x0.shape, generator=self.noise_gen))
-        sigmas = zimage_math.sample_sigmas(
-            len(batch), c.timestep_sampling, shift=c.timestep_shift or 1.0, logit_mean=c.logit_mean,
-            logit_std=c.logit_std, generator=self.noise_gen, device=self.device,
-        )  # fmt: skip
+        sigmas = self._sigmas(len(batch))
         captions = [
             drop_caption(self.training_set.items[i].caption, self.caption_rng, c.caption_dropout) for i in batch
         ]
@@ -195,8 +192,18 @@ class LoraTrainer:
         else:
             text = [self._on_device(self.features.text[cap]) for cap in captions]
         # accelerate.prepare() already runs the transformer's forward under autocast for bf16 / fp16.
-        pred = zimage_math.predict(self.transformer, zimage_math.noisy_latents(x0, noise, sigmas), sigmas, text)
-        return zimage_math.flow_loss(pred, zimage_math.flow_target(x0, noise), sigmas, c.loss_weighting)
+        x_t = zimage_math.noisy_latents(x0, noise, sigmas)
+        if self.preserver is None:
+            pred, keep = zimage_math.predict(self.transformer, x_t, sigmas, text), 0.0
+        else:  # the class-prompt pass rides in the same forward; its pull towards the base model in the loss
+            pred, keep = self.preserver.predict(self.transformer, x_t, sigmas, text, batch, self._on_device)
+        return zimage_math.flow_loss(pred, zimage_math.flow_target(x0, noise), sigmas, c.loss_weighting) + keep
+
+    def _sigmas(self, n: int) -> torch.Tensor:
+        """`n` noise levels from the step's generator; the shift is the config's, else the model's own."""
+        c = self.config
+        return zimage_math.sample_sigmas(n, c.timestep_sampling, shift=c.timestep_shift or 1.0, logit_mean=c.logit_mean,
+                                         logit_std=c.logit_std, generator=self.noise_gen, device=self.device)  # fmt: skip
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over gradient_accumulation micro-batches; returns (loss, grad_norm).
@@ -254,21 +261,13 @@ class LoraTrainer:
             loss, grad_norm = self.train_step()
             self.step += 1
             step_time = time.perf_counter() - t0
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"The loss became {loss} at step {self.step}: training diverged. Lower learning_rate "
-                    f"(now {c.learning_rate:g}), keep max_grad_norm on (now {c.max_grad_norm:g}), or use "
-                    "mixed_precision bf16 instead of fp16."
-                )
+            parts.check_finite(loss, self.step, c)
             self.losses.append(loss)
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": self.step, "loss": loss, "lr": lr,
-                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-                "step_time": step_time, "samples_per_s": per_step / step_time if step_time > 0 else None,
-                "elapsed": elapsed, "eta": elapsed / (self.step - first_step) * (c.num_steps - self.step),
-            }  # fmt: skip
-            if self.step % c.log_every_n_steps == 0 or self.step == c.num_steps:
+            record = parts.step_record(self.step, loss, lr, grad_norm, step_time, per_step, time.perf_counter() - started,
+                                 first_step, c.num_steps)  # fmt: skip
+            if self.validator is not None and validation.due(c, self.step):
+                record.update(self.validate())
+            if self.step % c.log_every_n_steps == 0 or self.step == c.num_steps or "val_loss" in record:
                 record["mem_allocated"], record["mem_peak"] = memory_figures(self.device.type)
                 self.report.add_metrics(record)
             self.report.progress(step=self.step, loss=loss)
@@ -291,12 +290,23 @@ class LoraTrainer:
         output = self.save_output() if self.step > 0 else None
         return TrainResult(state=state, steps=self.step, output_path=output, final_loss=loss)
 
+    def validate(self) -> dict[str, float]:
+        """The validation loss now (validation.py): val_loss and one per sigma; kept for the checkpoint."""
+        out = self.validator.measure(self.accelerator.unwrap_model(self.transformer), self._on_device,
+                                     self.accelerator.autocast)  # fmt: skip
+        self.val_losses[self.step] = out["val_loss"]
+        return out
+
     # -- samples -------------------------------------------------------------------------------
+    def _texts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """prompt -> embedding of each of `prompts`, from the cache (or the text encoder once)."""
+        return self._features(TrainingSet(info=self.training_set.info, items=[]), prompts).text
+
     def _prompt_embeddings(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.text_lora is not None:  # the text encoder trains too: embed with its current weights
             encoder = self.accelerator.unwrap_model(self.text_encoder)
             return self.text_lora.embed_now(prompts, encoder, self.accelerator.autocast)
-        return self._features(TrainingSet(info=self.training_set.info, items=[]), prompts).text
+        return self._texts(prompts)
 
     def sample(self, reason: str) -> None:
         """Sample images now with the weights as trained so far (rank 0 draws, the others wait)."""
@@ -305,29 +315,23 @@ class LoraTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            from zimage.training.sampling import SampleSettings, TrainingSampler
-
             if self.image_sampler is None:
-                c, r = self.config, self.resolved
                 fallback = self.training_set.items[0].caption if self.training_set.items else ""
-                self.image_sampler = TrainingSampler(
-                    SampleSettings.from_config(c, fallback), r.model_dir, self.device, self.weight_dtype,
-                    self._prompt_embeddings, fixed_embeddings=self.text_lora is None,
-                    adapter_path=r.adapter_path if c.training_type == "lora" else None, autocast=acc.autocast,
-                    run=self.report.run, log=self.report.log,
+                self.image_sampler = parts.image_sampler(
+                    self.config, self.resolved, self.device, self.weight_dtype, self._prompt_embeddings,
+                    fixed=self.text_lora is None, fallback=fallback, autocast=acc.autocast, run=self.report.run,
+                    log=self.report.log,
                 )  # fmt: skip
             self.report.status(phase="sampling")
-            self.image_sampler.sample(acc.unwrap_model(self.transformer), self.step, reason)
+            records = self.image_sampler.sample(acc.unwrap_model(self.transformer), self.step, reason)
+            self.trackers.log_samples(records, self.run_dir)
             self.report.status(phase="training")
         self.last_sample_step = self.step
         acc.wait_for_everyone()
 
     # -- checkpoints and output ----------------------------------------------------------------
     def metadata(self) -> dict[str, str]:
-        r, ts = self.resolved, self.training_set
-        name, adapter = r.dataset_info.name or r.dataset_dir.name, r.adapter_path.name if r.adapter_path else ""
-        return lora_io.training_metadata(self.config, steps=self.step, dataset_name=name, dataset_hash=ts.content_hash,
-                                         num_images=len(ts.items), adapter_name=adapter)  # fmt: skip
+        return parts.run_metadata(self.config, self.resolved, self.training_set, self.step)
 
     def _unwrapped(self):
         """(transformer, text encoder or None) without accelerate's wrappers."""
@@ -348,6 +352,7 @@ class LoraTrainer:
                 self.run_dir / "checkpoints", step=self.step, losses=self.losses, training_type=c.training_type,
                 optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, sampler=self.sampler,
                 num_processes=acc.num_processes, reason=reason, keep_last=c.keep_last_n_checkpoints,
+                extra={"val_loss": self.val_losses[self.step]} if self.step in self.val_losses else None,
                 write=lambda folder: resume.write_weights(folder, model, c.training_type, c.lora_alpha,
                                                           self.metadata(), self.text_lora, encoder),
             )  # fmt: skip

@@ -35,7 +35,7 @@ MIN_SIGMA = 1e-3  # never exactly 0: a clean input teaches nothing and breaks si
 def load_vae(model_dir: Path, device: torch.device | str, dtype: torch.dtype = torch.float32):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", torch_dtype=dtype, use_safetensors=True)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -65,10 +65,10 @@ def load_text_encoder(
     if quantize:
         encoder = AutoModel.from_pretrained(
             Path(model_dir) / "text_encoder", dtype=dtype, quantization_config=bnb_config(quantize, "transformers", dtype),
-            device_map={"": torch.device(device)},
+            device_map={"": torch.device(device)}, use_safetensors=True,
         )  # fmt: skip
         return tokenizer, encoder.eval().requires_grad_(False)
-    encoder = AutoModel.from_pretrained(Path(model_dir) / "text_encoder", dtype=dtype)
+    encoder = AutoModel.from_pretrained(Path(model_dir) / "text_encoder", dtype=dtype, use_safetensors=True)
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 
@@ -78,7 +78,9 @@ def load_transformer(model_dir: Path, dtype: torch.dtype = torch.float32, quanti
 
     compute = dtype if dtype != torch.float32 else torch.bfloat16
     extra = {"quantization_config": bnb_config(quantize, "diffusers", compute)} if quantize else {}
-    return ZImageTransformer2DModel.from_pretrained(Path(model_dir) / "transformer", torch_dtype=dtype, **extra)
+    return ZImageTransformer2DModel.from_pretrained(
+        Path(model_dir) / "transformer", torch_dtype=dtype, use_safetensors=True, **extra
+    )  # model weights only as safetensors: a pickled .bin is refused, never unpickled
 
 
 # -- text --------------------------------------------------------------------------------------------

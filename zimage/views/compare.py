@@ -209,7 +209,7 @@ def testgrid_config(
     }  # fmt: skip
 
 
-def queue_testgrid(settings: Settings, config: dict[str, Any], user: str | None) -> str:
+def queue_testgrid(settings: Settings, config: dict[str, Any], user: str | None, actor=None) -> str:
     """Check a test-grid config and queue it; returns the job's run id (the registry knows it at once)."""
     from zimage import jobs
     from zimage.jobs.scheduler import refresh_run
@@ -218,7 +218,7 @@ def queue_testgrid(settings: Settings, config: dict[str, Any], user: str | None)
     if not user:
         raise UserError("Your name: type it in the sidebar first, so the team knows whose job this is.")
     check_config(config, settings)
-    run_id = jobs.enqueue(settings, "testgrid", config, user=user, name=config.get("name") or None)
+    run_id = jobs.enqueue(settings, "testgrid", config, user=user, name=config.get("name") or None, actor=actor)
     refresh_run(settings, run_id)
     return run_id
 
@@ -230,3 +230,48 @@ def grid_jobs(df: pd.DataFrame) -> list[dict]:
         grid = Path(row["run_dir"]) / "grid.png"
         out.append({**row, "grid": str(grid) if grid.is_file() else None})
     return out
+
+
+# -- by the numbers ------------------------------------------------------------------------------------
+NUMBER_COLUMNS = ["run", "final loss", "best val_loss", "best val step", "s/step", "peak memory (GiB)"]
+IGNORED_DIFF_KEYS = ("output_name", "output_dir", "name")  # differ between any two runs; say nothing
+
+
+def numbers_table(numbers: pd.DataFrame, diff: pd.DataFrame, labels: Mapping[str, str], run_ids: Sequence[str]):
+    """Runs as rows: final loss, best val_loss and its step, median s/step, peak memory, then the config
+    fields that differ (`registry.config_diff` output), one column each."""
+    by_run = numbers.set_index("run_id") if not numbers.empty else pd.DataFrame()
+    keys = [k for k in (diff.index if not diff.empty else []) if k not in IGNORED_DIFF_KEYS]
+    rows = []
+    for run_id in run_ids:
+        n = by_run.loc[run_id] if run_id in by_run.index else {}
+
+        def get(col, n=n):
+            v = n.get(col) if hasattr(n, "get") else None
+            return None if v is None or pd.isna(v) else v
+
+        peak = get("peak_memory")
+        step = get("best_val_step")
+        row = {"run": labels.get(run_id, run_id), "final loss": get("final_loss"), "best val_loss": get("best_val_loss"),
+               "best val step": None if step is None else int(step), "s/step": get("s_per_step"),
+               "peak memory (GiB)": None if peak is None else peak / charts.GIB}  # fmt: skip
+        row.update({k: diff.loc[k, run_id] for k in keys})
+        rows.append(row)
+    return pd.DataFrame(rows, columns=NUMBER_COLUMNS + keys)
+
+
+def table_csv(table: pd.DataFrame) -> bytes:
+    """The numbers table as CSV for the download button."""
+    return table.to_csv(index=False).encode("utf-8")
+
+
+def sweep_chart(table: pd.DataFrame):
+    """Parallel coordinates of the differing config fields against best val_loss (else the final loss), or
+    None when fewer than two runs have that number."""
+    score = "best val_loss" if table["best val_loss"].notna().sum() >= 2 else "final loss"
+    rows = table[table[score].notna()]
+    if len(rows) < 2:
+        return None
+    axes = [c for c in table.columns[len(NUMBER_COLUMNS) :] if rows[c].notna().all()] + [score]
+    frame = charts.parallel_frame(rows, axes)
+    return charts.parallel_chart(frame, rows.set_index("run")[score], score)

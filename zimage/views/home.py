@@ -5,20 +5,44 @@ from __future__ import annotations
 import pandas as pd
 
 from zimage.settings import Settings
-from zimage.system import GpuInfo, human_bytes
+from zimage.system import GpuInfo, GpuReport, human_bytes
 from zimage.views.format import clock, duration, fraction, progress_text, silence
 
 
-def gpu_rows(gpus: list[GpuInfo]) -> list[dict]:
+def gpu_rows(gpus: list[GpuInfo], active: pd.DataFrame | None = None) -> list[dict]:
+    """One row per GPU: name, memory in use, utilisation, and which job holds it (the active runs' gpu_ids,
+    list_runs rows); processes on it that are not one of those jobs are counted as others."""
+    holders: dict[int, list[str]] = {g.index: [] for g in gpus}
+    for r in active.itertuples(index=False) if active is not None and not active.empty else []:
+        name, user = _text(r.name) or r.run_id, _text(r.user) or "?"
+        for gid in _text(r.gpu_ids).split(","):
+            for g in gpus:
+                if gid.strip() and g.matches(gid):
+                    holders[g.index].append(f"{name} ({r.kind}, {user})")
     return [
         {
             "GPU": g.index,
             "name": g.name,
+            "job": ", ".join(holders[g.index]) or "free",
             "memory in use": f"{human_bytes(g.used_bytes)} of {human_bytes(g.total_bytes)}",
-            "use %": round(100 * g.used_bytes / g.total_bytes, 1) if g.total_bytes else 0.0,
+            "memory %": round(100 * g.used_bytes / g.total_bytes, 1) if g.total_bytes else 0.0,
+            "utilisation %": g.utilization,
+            "processes": len(g.pids),
         }
         for g in gpus
     ]
+
+
+def _text(value) -> str:
+    """A DataFrame cell as text: '' for None / NaN."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def no_gpu_text(report: GpuReport) -> str:
+    """What Home says when it lists no GPU, with the reason (no NVIDIA driver, NVML missing, ...)."""
+    return (
+        f"CPU only: {report.problem or 'no NVIDIA GPU found'}. Training runs on the CPU (fine for the tiny demo model)."
+    )
 
 
 def disk_rows(usage: dict[str, int]) -> list[tuple[str, str]]:

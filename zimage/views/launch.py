@@ -37,9 +37,10 @@ def queue_position(settings: Settings, run_id: str) -> int | None:
 
 
 def launch_run(
-    settings: Settings, values: Mapping[str, Any], user: str | None, busy: Mapping[str, str]
+    settings: Settings, values: Mapping[str, Any], user: str | None, busy: Mapping[str, str], actor=None, gpus: int = 1
 ) -> tuple[str, int | None, str]:
-    """Check the form and queue the run: (run id, queue position, a free output name for the next run)."""
+    """Check the form and queue the run: (run id, queue position, a free output name for the next run).
+    `gpus` > 1 trains data parallel, one torchrun rank per GPU (gpus_offered says how many this host has)."""
     problems, _resolved = tf.check(values, settings, busy)
     if problems:
         n = sum(len(v) for v in problems.values())
@@ -47,10 +48,22 @@ def launch_run(
     if not user:
         raise NotLaunched("Your name: type it in the sidebar first, so the team knows whose run this is.")
     config = tf.config_from_values(values)
-    run_id = jobs.enqueue(settings, "train", config.to_dict(), user=user, name=config.output_name)
+    run_id = jobs.enqueue(settings, "train", config.to_dict(), user=user, name=config.output_name, actor=actor,
+                          gpus=gpus)  # fmt: skip
     refresh_run(settings, run_id)  # the registry (Runs page, busy names) knows it at once
     following = tf.free_output_name(settings, config.output_name, taken=[*busy, config.output_name])
     return run_id, queue_position(settings, run_id), following
+
+
+def gpus_offered(settings: Settings) -> int:
+    """How many GPUs one training job may use on this host: its scheduler's GPU slots (NVML, settings.toml or
+    ZIMAGE_GPUS; no CUDA context), at least 1. The Train page offers a GPU count only when this is over 1."""
+    from zimage.jobs.slots import slot_config
+
+    try:
+        return max(1, len(slot_config(home=settings.home_settings().scheduler).gpu_ids))
+    except UserError:  # a bad ZIMAGE_GPUS / settings.toml: the scheduler reports it; one GPU here
+        return 1
 
 
 def position_text(run_id: str, position: int | None) -> str:

@@ -37,6 +37,10 @@ def preset_names(settings: Settings) -> list[str]:
 
 
 def preset_label(name: str) -> str:
+    from zimage.config.presets import PRESET_NOTES
+
+    if name in PRESET_NOTES:
+        return f"{name} ({PRESET_NOTES[name]})"
     return name if name in PRESETS else f"{name} (saved)"
 
 

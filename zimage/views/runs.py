@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from zimage.views import charts
 from zimage.views.format import clock, duration, fraction, number, progress_text, silence, state_text
 
 LIVE_STATES = ("queued", *ACTIVE_STATES)
-RUN_METRICS = ("loss", "lr", "step_time", "mem_allocated", "mem_peak")
+RUN_METRICS = ("loss", "lr", "step_time", "mem_allocated", "mem_peak", "val_loss")
 TABLE_REFRESH_S = 2  # the Runs table redraws itself this often (one registry query each time)
 ACTIONS = {"stop": "Stop", "pause": "Pause", "resume": "Resume", "save_now": "Save now", "sample_now": "Sample now"}
 TABLE_COLUMNS = ["run", "name", "state", "user", "dataset", "progress", "steps", "last loss", "ETA", "started"]
@@ -111,7 +112,51 @@ def run_charts(series: pd.DataFrame, smoothing: float, log_y: bool) -> dict[str,
         ignore_index=True,
     )
     out["Memory (GiB)"] = charts.metric_chart(mem, "GiB", height=180) if not mem.empty else None
+    val = charts.series_frame(series, "val_loss", labels=_all_as(series, "val_loss"))
+    out["Validation loss"] = charts.metric_chart(val, "val_loss", log_y=log_y) if not val.empty else None
     return out
+
+
+_SPEC_CACHE: OrderedDict[tuple, dict[str, dict | None]] = OrderedDict()
+_SPEC_CACHE_SIZE = 64
+
+
+def run_chart_specs(series: pd.DataFrame, smoothing: float, log_y: bool) -> dict[str, dict | None]:
+    """`run_charts` as Vega-Lite specs, built (and validated) once per distinct series: a live run's page redraws
+    every 2 s and a finished run's data never changes, while building and validating four Altair charts costs
+    about 0.3 s each time. The key is a hash of the series' values, so new metrics make new charts."""
+    key = (int(pd.util.hash_pandas_object(series, index=False).sum()) if not series.empty else 0, len(series),
+           float(smoothing), bool(log_y))  # fmt: skip
+    if key in _SPEC_CACHE:
+        _SPEC_CACHE.move_to_end(key)
+        return dict(_SPEC_CACHE[key])  # a copy: callers pop what they place
+    specs = {title: chart.to_dict() if chart is not None else None
+             for title, chart in run_charts(series, smoothing, log_y).items()}  # fmt: skip
+    _SPEC_CACHE[key] = specs
+    while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
+        _SPEC_CACHE.popitem(last=False)
+    return dict(specs)
+
+
+def val_summary(numbers: pd.DataFrame) -> str | None:
+    """'best val_loss 0.4321 at step 40 (3 measured)' from `registry.run_numbers` of one run, or None."""
+    if numbers.empty or pd.isna(numbers["best_val_loss"].iloc[0]):
+        return None
+    r = numbers.iloc[0]
+    return f"best val_loss {number(r.best_val_loss)} at step {int(r.best_val_step)} ({int(r.val_points)} measured)"
+
+
+def best_checkpoint_lora(checkpoints: pd.DataFrame, numbers: pd.DataFrame) -> tuple[Path, int] | None:
+    """(LoRA file, step) of the sound checkpoint at the best val_loss step, when the run saved one there."""
+    if checkpoints is None or checkpoints.empty or numbers.empty or pd.isna(numbers["best_val_step"].iloc[0]):
+        return None
+    step = int(numbers["best_val_step"].iloc[0])
+    for r in checkpoints.itertuples(index=False):
+        sound = getattr(r, "problem", None) is None or pd.isna(r.problem)
+        lora = Path(r.path) / "lora.safetensors"  # what zimage.training.checkpoints writes
+        if not pd.isna(r.step) and int(r.step) == step and sound and lora.is_file():
+            return lora, step
+    return None
 
 
 def _all_as(series: pd.DataFrame, label: str) -> dict[str, str]:
@@ -130,7 +175,28 @@ def log_tail(run_dir: Path | str, lines: int = 40, block: int = 32768) -> str:
     except OSError:
         return ""
     text = data.decode("utf-8", errors="replace").replace("\r", "\n")
-    return "\n".join([ln for ln in text.split("\n") if ln.strip()][-lines:])
+    return "\n".join(without_tracebacks([ln for ln in text.split("\n") if ln.strip()][-lines:], path))
+
+
+_TRACEBACK_START = ("Traceback (most recent call last):", '  File "')
+
+
+def without_tracebacks(lines: list[str], path: Path | str) -> list[str]:
+    """Log lines with each Python traceback folded into one line that says where the whole of it is: the page
+    shows the error itself (the exception line stays), the frames are for whoever debugs, in the file."""
+    out: list[str] = []
+    folded = 0
+    for line in lines:
+        if folded or line.startswith(_TRACEBACK_START):
+            if folded == 0 or line.startswith((" ", "\t", "Traceback (most recent call last):")):
+                folded += 1
+                continue
+            out.append(f"… {folded} lines of Python traceback left out (all of it is in {path}) …")
+            folded = 0
+        out.append(line)
+    if folded:
+        out.append(f"… {folded} lines of Python traceback left out (all of it is in {path}) …")
+    return out
 
 
 def lora_file(detail: dict) -> Path | None:
@@ -149,7 +215,8 @@ def file_reader(path: Path):
 
 
 def thumbnail(settings: Settings, image: Path | str, size: int = THUMB_SIZE) -> Path | None:
-    """A cached JPEG thumbnail of a sample image (under cache/thumbs, never inside the worker's run folder)."""
+    """A cached JPEG tile of a sample image (under cache/thumbs, never inside the worker's run folder): letterboxed
+    square, so the sample gallery and the compare grid never stretch or crop an image (zimage.data.thumbnails)."""
     from zimage.data.thumbnails import write_thumbnail
 
     image = Path(image)
@@ -157,11 +224,11 @@ def thumbnail(settings: Settings, image: Path | str, size: int = THUMB_SIZE) -> 
         st = image.stat()
     except OSError:
         return None
-    key = hashlib.sha1(f"{image}:{st.st_size}:{st.st_mtime_ns}:{size}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"{image}:{st.st_size}:{st.st_mtime_ns}:{size}:tile".encode()).hexdigest()[:20]
     target = settings.cache_dir / "thumbs" / f"{key}.jpg"
     if target.exists():
         return target
-    return write_thumbnail(image, target, size, quality=88)
+    return write_thumbnail(image, target, size, quality=88, tile=True)
 
 
 def sample_tiles(settings: Settings, samples: pd.DataFrame, step: int) -> list[tuple[str, str]]:
@@ -181,6 +248,7 @@ def checkpoint_rows(df: pd.DataFrame) -> list[dict]:
     return [
         {"checkpoint": r.name, "step": None if pd.isna(r.step) else int(r.step),
          "size": human_bytes(r.size or 0), "saved": clock(r.mtime),
+         "val_loss": number(getattr(r, "val_loss", None)),
          "problem": "" if pd.isna(getattr(r, "problem", None)) else str(r.problem)}
         for r in df.itertuples(index=False)
     ]  # fmt: skip

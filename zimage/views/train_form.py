@@ -35,9 +35,9 @@ KEY = "tr_"
 EXTRA_KEY = "tr__extra"
 URL_FIELDS = ("dataset_path",)  # form fields shown in the page's URL, so a link or a reload opens the same choice
 GROUPS = {"basic": "Basic", "lora": "LoRA", "training": "Training", "advanced": "Advanced", "samples": "Samples"}
-MODEL_TYPE_LABELS = {"turbo": "Turbo (+ training adapter)", "de_turbo": "De-Turbo"}
+MODEL_TYPE_LABELS = {"turbo": "Turbo (+ training adapter)", "de_turbo": "De-Turbo",
+                     "base": f"Base ({catalogue.BASE_REASON})"}  # fmt: skip
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
-
 
 
 def linked_choices(settings: Settings, params: Mapping[str, Any], preset_names: list[str]) -> dict[str, Any]:
@@ -49,6 +49,7 @@ def linked_choices(settings: Settings, params: Mapping[str, Any], preset_names: 
     if dataset and dataset in {d.path.name for d in list_datasets(settings.datasets_dir)}:
         out[KEY + "dataset_path"] = dataset
     return out
+
 
 @dataclass(frozen=True)
 class FormField:
@@ -66,11 +67,12 @@ class FormField:
 
 _FIELDS = (
     FormField("training_type", "Training type", "basic", "select", TRAINING_TYPES,
-              help="LoRA: a small add-on file. Full fine-tune: every weight (De-Turbo only)."),
+              help="LoRA: a small add-on file. Full fine-tune: every weight (De-Turbo or base only)."),
     FormField("model_path", "Base model", "basic", "select"),
     FormField("model_type", "Model type", "basic", "select", tuple(MODEL_TYPE_LABELS),
               help="Turbo trains with the training adapter and samples at 8 steps without CFG; De-Turbo "
-                   "samples at 20-30 steps with CFG 2-3."),
+                   "samples at 20-30 steps with CFG 2-3; base (recommended for training; also loads on Turbo) "
+                   "at ~50 steps with CFG 5 and a negative prompt."),
     FormField("dataset_path", "Dataset", "basic", "select"),
     FormField("output_name", "Output name", "basic", "text", help="File name of the LoRA (without .safetensors)."),
     FormField("trigger_word", "Trigger word", "basic", "text", help="Empty: the dataset's trigger word."),
@@ -80,6 +82,8 @@ _FIELDS = (
     FormField("lora_target_modules", "Target modules", "lora", "multi", TARGET_MODULES),
     FormField("lora_target_blocks", "Target blocks", "lora", "multi", TARGET_BLOCKS),
     FormField("train_text_encoder", "Train the text encoder", "lora", "bool"),
+    FormField("init_lora", "Start from a LoRA file", "lora", "text",
+              help="Path of a .safetensors LoRA to continue from; its rank, alpha and targets are used. Empty: none."),
     FormField("learning_rate", "Learning rate", "training", "float", step=1e-5, fmt="%.2e"),
     FormField("num_steps", "Steps", "training", "int", step=50),
     FormField("batch_size", "Batch size", "training", "int", step=1),
@@ -88,6 +92,9 @@ _FIELDS = (
     FormField("lr_scheduler", "LR scheduler", "training", "select", SCHEDULERS),
     FormField("lr_warmup_steps", "Warm-up steps", "training", "int", step=10),
     FormField("seed", "Seed", "training", "int", step=1),
+    FormField("validation_images", "Validation images", "training", "text",
+              help="A dataset name, or the fraction of the training images to hold out (0.1). Empty: no val_loss."),
+    FormField("validation_every_n_steps", "Validation every N steps (0: at the end)", "training", "int", step=50),
     FormField("use_training_adapter", "Use the training adapter (Turbo)", "advanced", "bool"),
     FormField("quantize", "Quantize the model (8-bit, CUDA)", "advanced", "bool"),
     FormField("quantize_te", "Quantize the text encoder", "advanced", "bool"),
@@ -99,9 +106,14 @@ _FIELDS = (
     FormField("save_every_n_steps", "Save every N steps (0: off)", "advanced", "int", step=50),
     FormField("keep_last_n_checkpoints", "Keep last N checkpoints", "advanced", "int", step=1),
     FormField("sample_every_n_steps", "Sample every N steps (0: off)", "advanced", "int", step=50),
+    FormField("preservation_weight", "Preservation weight (0: off)", "advanced", "float", step=0.1, fmt="%.2f",
+              help="Keep the base model's output on the class prompt (the trigger word replaced)."),
+    FormField("preservation_prompt", "Preservation class prompt", "advanced", "text", help="e.g. a person"),
     FormField("sample_prompt", "Sample prompt", "samples", "area"),
     FormField("sample_steps", "Sample steps", "samples", "int", step=1),
     FormField("sample_cfg", "Sample CFG (1.0 = off)", "samples", "float", step=0.5, fmt="%.1f"),
+    FormField("sample_negative_prompt", "Negative prompt (with CFG)", "samples", "text",
+              help="Empty: the model's default (base: a short list of defects)."),
     FormField("sample_seed", "Sample seed", "samples", "int", step=1),
 )  # fmt: skip
 FIELD_NAMES = tuple(f.name for f in _FIELDS)
@@ -117,7 +129,8 @@ def model_label(name: str, entries: Mapping[str, tuple[catalogue.ModelEntry, boo
     if name not in entries:
         return name
     entry, ready = entries[name]
-    return f"{entry.title} · {entry.model_type} · {'ready' if ready else 'not on disk'}"
+    reason = f" · {catalogue.BASE_REASON}" if entry.model_type == "base" else ""
+    return f"{entry.title} · {entry.model_type}{reason} · {'ready' if ready else 'not on disk'}"
 
 
 def model_entry(settings: Settings, name: str) -> catalogue.ModelEntry | None:
@@ -232,8 +245,9 @@ def read_values(state: Mapping) -> dict[str, Any]:
 def config_from_values(values: Mapping[str, Any]) -> TrainingConfig:
     """The TrainingConfig the form describes (an empty trigger word follows the dataset); ConfigError on bad types."""
     data = {k: v for k, v in values.items() if k in TrainingConfig.__dataclass_fields__}
-    if not str(data.get("trigger_word") or "").strip():
-        data["trigger_word"] = None
+    for name in ("trigger_word", "validation_images", "init_lora", "sample_negative_prompt"):
+        if name in data and not str(data.get(name) or "").strip():
+            data[name] = None  # empty: follow the dataset / model, or off
     for name in ("output_name", "trigger_word"):
         if isinstance(data.get(name), str):
             data[name] = data[name].strip()
