@@ -8,6 +8,7 @@ from zimage.settings import get_settings
 from zimage.users import current_user
 from zimage.views import keep_user_name, shown_errors
 from zimage.views import loras as lv
+from zimage.views.auth import page_actor
 from zimage.views.runs import file_reader
 
 st.set_page_config(page_title="LoRAs", page_icon="🧩", layout="wide")
@@ -16,8 +17,9 @@ settings = get_settings().ensure()
 jobs.ensure_scheduler(settings)
 ss = st.session_state
 st.title("LoRAs")
+actor = page_actor(st, settings)  # password/oidc: the sign-in form until someone is signed in
 login = st.user.to_dict()
-if not login.get("is_logged_in"):
+if actor.mode == "none" and not login.get("is_logged_in"):
     st.sidebar.text_input("Your name (recorded on the jobs you start)", key="user_name")
 
 
@@ -50,7 +52,9 @@ def details(item) -> None:
             size = c3.number_input("Size", 64, 2048, 512, 16, key="loras_test_size")
             if st.form_submit_button("Render test grid", key="loras_test_go"):
                 with shown_errors(st.error):
-                    run_id = lv.queue_test(settings, item, model, prompt, strengths, int(seed), int(size), user())
+                    run_id = lv.queue_test(
+                        settings, item, model, prompt, strengths, int(seed), int(size), user(), actor=actor
+                    )
                     st.success(f"Queued test grid {run_id}; it shows on the Compare page when it renders.")
         with st.expander("Push to the Hugging Face Hub"), st.form("loras_push_form"):
             repo = st.text_input("Repository (user/name)", key="loras_push_repo")
@@ -59,7 +63,7 @@ def details(item) -> None:
                 with shown_errors(st.error):
                     from zimage.loras.hub import push_lora
 
-                    plan = push_lora(settings, item.name, repo, private=private, user=user())
+                    plan = push_lora(settings, item.name, repo, private=private, user=user(), actor=actor)
                     st.success(f"Uploaded {', '.join(sorted(plan.files))} to {plan.repo_id}.")
 
     if ss.get("loras_confirm") == item.name:
@@ -69,7 +73,7 @@ def details(item) -> None:
             with shown_errors(st.error):
                 from zimage.loras.library import delete_item
 
-                gone = delete_item(settings, item.name, user(), kind=item.kind)
+                gone = delete_item(settings, item.name, user(), kind=item.kind, actor=actor)
                 ss.pop("loras_confirm", None)
                 ss["loras_deleted"] = f"Deleted {gone.path.name}."
                 st.rerun()
@@ -97,7 +101,9 @@ def merge_form(items) -> None:
         rank = c2.number_input("Rank (SVD)", 1, 1024, 16, key="loras_merge_rank")
         if st.form_submit_button("Merge", key="loras_merge_go"):
             with shown_errors(st.error):
-                st.success(lv.merge(settings, [loras[n] for n in chosen], weights, output, mode, int(rank)))
+                st.success(
+                    lv.merge(settings, [loras[n] for n in chosen], weights, output, mode, int(rank), actor=actor)
+                )
 
 
 with shown_errors(st.error):

@@ -182,3 +182,19 @@ def test_cli_merge_by_library_name_with_svd(pair):
     listed = subprocess.run([sys.executable, "-m", "zimage.cli", "loras", "list"], capture_output=True, text=True,
                             env=env, timeout=120)  # fmt: skip
     assert "merged/cli-m" in listed.stdout
+
+
+def test_a_viewer_may_not_merge_or_bake(pair):
+    from zimage.auth import Actor, PermissionDenied
+
+    settings, (a, _ma), (b, _mb) = pair
+    merging = [MergeInput(a, 0.8), MergeInput(b, 0.5)]
+    viewer = Actor("vic", "viewer", "ui", mode="password")
+    with pytest.raises(PermissionDenied):
+        merge_loras(settings, merging, "by-viewer", actor=viewer)
+    with pytest.raises(PermissionDenied):
+        bake_into_model(settings, merging, "baked-by-viewer", actor=viewer)
+    assert not (settings.loras_dir / "by-viewer.safetensors").exists()
+    assert not (settings.finetuned_dir / "baked-by-viewer").exists()
+    member = Actor("mia", "member", "ui", mode="password")
+    assert merge_loras(settings, merging, "by-member", actor=member).path.is_file()

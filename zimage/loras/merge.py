@@ -178,11 +178,19 @@ def _target(settings: Settings, output: str | Path, suffix: str = ".safetensors"
     return out
 
 
+def _may_create(settings: Settings, actor, what: str) -> None:
+    """A merge writes a new file: members and admins may (a viewer is refused); `actor` None is the CLI's user."""
+    from zimage.auth import default_actor, require
+
+    require(default_actor(settings, actor), "create", what=what)
+
+
 def merge_loras(settings: Settings, inputs: list[MergeInput], output: str | Path, rank: int | None = None,
-                dtype: str = "fp32") -> MergeResult:  # fmt: skip
+                dtype: str = "fp32", actor=None) -> MergeResult:  # fmt: skip
     """Merge `inputs` into one LoRA file at `output` (exact, or SVD to `rank`); returns what was written."""
     from zimage.training import lora_io
 
+    _may_create(settings, actor, f"merged LoRA {output}")
     if dtype not in lora_io.DTYPES:
         raise UserError(f"--dtype {dtype}: one of {', '.join(lora_io.DTYPES)}")
     loaded = load_inputs([resolve_input(settings, i) for i in inputs])
@@ -203,12 +211,13 @@ def merge_loras(settings: Settings, inputs: list[MergeInput], output: str | Path
 
 
 def bake_into_model(settings: Settings, inputs: list[MergeInput], output: str, base: str | None = None,
-                    dtype: str = "bf16") -> MergeResult:  # fmt: skip
+                    dtype: str = "bf16", actor=None) -> MergeResult:  # fmt: skip
     """The weighted LoRAs fused into the base transformer, written as models/finetuned/<output>/."""
     from zimage import catalogue
     from zimage.fsio import atomic_folder
     from zimage.training import lora_io, zimage_math
 
+    _may_create(settings, actor, f"fine-tune {output}")
     if dtype not in lora_io.DTYPES:
         raise UserError(f"--dtype {dtype}: one of {', '.join(lora_io.DTYPES)}")
     loaded = load_inputs([resolve_input(settings, i) for i in inputs])

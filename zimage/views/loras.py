@@ -73,7 +73,7 @@ def default_prompt(item: LibraryItem) -> str:
 
 
 def queue_test(settings: Settings, item: LibraryItem, model: str, prompt: str, strengths: str, seed: int,
-               size: int, user: str | None) -> str:  # fmt: skip
+               size: int, user: str | None, actor=None) -> str:  # fmt: skip
     """Queue a test grid of this LoRA (one prompt, several strengths); returns the job's run id."""
     from zimage.views.compare import queue_testgrid, testgrid_config
 
@@ -83,7 +83,7 @@ def queue_test(settings: Settings, item: LibraryItem, model: str, prompt: str, s
         raise UserError("Base model: this LoRA does not say which model it is for; type one (e.g. z-image-turbo)")
     config = testgrid_config(model.strip(), prompt, seed, strengths, {str(item.path): item.name}, size,
                              name=f"test-{item.path.stem}")  # fmt: skip
-    return queue_testgrid(settings, config, user)
+    return queue_testgrid(settings, config, user, actor=actor)
 
 
 def parse_weights(text: str, count: int) -> list[float]:
@@ -99,7 +99,7 @@ def parse_weights(text: str, count: int) -> list[float]:
 
 
 def merge(settings: Settings, items: list[LibraryItem], weights_text: str, output: str, mode: str,
-          rank: int | None = None) -> str:  # fmt: skip
+          rank: int | None = None, actor=None) -> str:  # fmt: skip
     """Merge the chosen LoRAs (mode: exact | svd | model); returns a line saying what was written."""
     from zimage.loras.merge import MergeInput, bake_into_model, merge_loras
 
@@ -109,9 +109,9 @@ def merge(settings: Settings, items: list[LibraryItem], weights_text: str, outpu
         raise UserError("Output name: give the merged LoRA a name")
     inputs = [MergeInput(i.path, w) for i, w in zip(items, parse_weights(weights_text, len(items)), strict=True)]
     if mode == "model":
-        result = bake_into_model(settings, inputs, output.strip())
+        result = bake_into_model(settings, inputs, output.strip(), actor=actor)
         return f"Baked into {result.path} ({result.modules} layers)."
-    result = merge_loras(settings, inputs, output.strip(), rank=rank if mode == "svd" else None)
+    result = merge_loras(settings, inputs, output.strip(), rank=rank if mode == "svd" else None, actor=actor)
     line = f"Merged into {result.path.name} ({result.modules} layers, rank up to {result.rank})."
     if result.relative_error is not None:
         line += f" Relative error kept: {result.relative_error:.3%}."
