@@ -148,7 +148,7 @@ with t_bulk:
     undo = caption_undo.last_bulk_edit(folder)
     if undo and b2.button(f"Undo the last bulk edit ({undo.count} captions)", key="bulk_undo"):
         with shown_errors(st.error):
-            done = caption_undo.undo_last_bulk_edit(folder)
+            done = caption_undo.undo_last_bulk_edit(folder, actor=actor)
             kept = f"; kept {len(done.kept)} edited since: {', '.join(done.kept[:5])}" if done.kept else ""
             ss["bulk_undone"] = (name, f"Undone: {len(done.restored)} caption(s) restored{kept}.")
             st.rerun()  # redraw without the undo button

@@ -164,3 +164,26 @@ def test_page_replace_is_exact(zhome_demo):
     at.text_input(key="bulk_replace").input("very  dark").run()
     at.button(key="bulk_apply").click().run()
     assert images.joinpath("001.txt").read_text() == first.replace("plain light", "very  dark")
+
+
+def test_undo_of_a_bulk_edit_follows_ownership_and_is_recorded(zhome):
+    """Undo changes captions like the edit did: the dataset's owner or an admin, recorded in events.jsonl."""
+    from zimage.auth import Actor, PermissionDenied
+    from zimage.data import caption_undo, manage
+    from zimage.events import home_events_path, read_events
+
+    (zhome.home / "settings.toml").write_text('[auth]\nmode = "password"\n')  # a team home: datasets have owners
+    alice, bob = Actor("alice", "member", "ui", mode="password"), Actor("bob", "member", "ui", mode="password")
+    folder = manage.create_dataset(zhome, "owned", actor=alice)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(folder.images_dir / "a.png")
+    (folder.images_dir / "a.txt").write_text("a cat\n")
+    manage.bulk_edit_captions(folder, prefix="photo of sks, ", actor=alice)
+    with pytest.raises(PermissionDenied, match="alice"):
+        caption_undo.undo_last_bulk_edit(folder, actor=bob)
+    assert (folder.images_dir / "a.txt").read_text().strip() == "photo of sks, a cat"  # nothing changed
+    caption_undo.undo_last_bulk_edit(folder, actor=alice)
+    assert (folder.images_dir / "a.txt").read_text().strip() == "a cat"
+    undos = [(e.user, e.result) for e in read_events(home_events_path(zhome)) if e.action.endswith(".undo")]
+    assert undos == [("bob", "refused"), ("alice", "done")]

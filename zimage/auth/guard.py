@@ -120,10 +120,11 @@ def checked(
 Locate = Callable[..., tuple[Settings, str, str | None, Path | None]]
 
 
-def audited(action: str, locate: Locate, unless: Callable[..., bool] | None = None):
+def audited(action: str, locate: Locate, unless: Callable[..., bool] | None = None, verb: str | None = None):
     """Decorate a library function: `locate(*args, **kwargs)` returns (settings, target, owner, folder) of
     the thing it changes; the call takes an optional `actor=` keyword (see default_actor). A call for
-    which `unless(*args, **kwargs)` is true changes nothing (a preview) and is neither checked nor recorded."""
+    which `unless(*args, **kwargs)` is true changes nothing (a preview) and is neither checked nor recorded.
+    `verb` is the permission checked when the action's last part is not one (e.g. "…undo" is an "edit")."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -132,7 +133,7 @@ def audited(action: str, locate: Locate, unless: Callable[..., bool] | None = No
                 return fn(*args, **kwargs)  # part of a call that is already checked and recorded, or a preview
             settings, target, owner, folder = locate(*args, **kwargs)
             who = default_actor(settings, actor)
-            with checked(settings, who, action, target, owner, folder) as note:
+            with checked(settings, who, action, target, owner, folder, verb=verb) as note:
                 out = fn(*args, **kwargs)
                 note["detail"] = _summary(out)
             return out

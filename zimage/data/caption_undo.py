@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
+from zimage.auth import audited
 from zimage.data.folders import DatasetFolder
+from zimage.data.ownership import on_dataset_folder
 from zimage.errors import UserError
 from zimage.fsio import atomic_write, write_json
 from zimage.records import Damaged, Record, read_record
@@ -64,6 +66,7 @@ def last_bulk_edit(folder: DatasetFolder) -> UndoRecord | None:
     return record if isinstance(record, UndoRecord) and record.changes else None
 
 
+@audited("dataset.bulk_captions.undo", on_dataset_folder, verb="edit")
 def undo_last_bulk_edit(folder: DatasetFolder) -> UndoResult:
     """Put back the captions the last bulk edit changed; raises UndoError when there is none."""
     record = _read(folder)
