@@ -3,7 +3,8 @@ incrementally, and restored exactly by `zimage registry rebuild` (real DuckDB fi
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import subprocess
+import sys
 
 from zimage.auth import Actor
 from zimage.events import Event, home_events_path, read_events, record
@@ -11,22 +12,23 @@ from zimage.jobs import enqueue, rebuild
 from zimage.registry.db import Registry
 from zimage.registry.events import events, ingest_events, run_timeline
 from zimage.registry.ingest import Ingester
+
+WRITER = """
+import sys
+from pathlib import Path
+from zimage.events import Event, record
 from zimage.settings import Settings
-
-
-def _writer(home: str, who: str, n: int) -> None:
-    settings = Settings(home=__import__("pathlib").Path(home))
-    for i in range(n):
-        record(settings, Event(who, "member", "run.stop", f"run:r{i}", detail="x" * 700))
+settings = Settings(home=Path(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    record(settings, Event(sys.argv[2], "member", "run.stop", f"run:r{i}", detail="x" * 700))
+"""
 
 
 def test_concurrent_writers_never_mix_lines(zhome):
-    procs = [mp.get_context("spawn").Process(target=_writer, args=(str(zhome.home), f"w{k}", 200)) for k in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)  # spawned interpreters import zimage first: slow on a busy 2-core machine
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    """4 processes append 200 events each to the same file at once (plain interpreters, not multiprocessing:
+    its spawned children re-run the parent's main module, which under pytest-xdist is not this test)."""
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(zhome.home), f"w{k}", "200"]) for k in range(4)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0, 0]
     lines = home_events_path(zhome).read_bytes().split(b"\n")[:-1]
     assert len(lines) == 800 and len(read_events(home_events_path(zhome))) == 800  # every line whole and valid
     assert sorted({e.user for e in read_events(home_events_path(zhome))}) == ["w0", "w1", "w2", "w3"]
