@@ -44,6 +44,33 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(queue, "KINDS", (*queue.KINDS, KIND))
 
 
+def failed_and_lost_runs(settings, dataset: str = "demo-shapes", fail_at: int = 2) -> tuple[Path, Path]:
+    """Two run folders for "what does a person see after things go wrong": one whose worker (this file, a real
+    process, output in log.txt) raised at step `fail_at`, and one whose worker died without a final state."""
+    import os
+    import socket
+    import subprocess
+
+    from zimage.runfolder import RunFolder
+
+    failed = RunFolder(settings.runs_dir / "20261203-100000-fails")
+    failed.path.mkdir(parents=True)
+    failed.write_config({"steps": 5, "fail_at": fail_at, "interval": 0.01})
+    failed.update_status(state="starting", kind="train", user="ann", name="fails", created=time.time() - 30)
+    with open(failed.log_path, "ab") as log:  # as the launcher runs a worker: its output is log.txt
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-dir", str(failed.path)],
+                       env=dict(os.environ, ZIMAGE_HOME=str(settings.home)), stdout=log, stderr=subprocess.STDOUT,
+                       timeout=120)  # fmt: skip
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lost = RunFolder(settings.runs_dir / "20261203-100100-dies")
+    lost.path.mkdir(parents=True)
+    lost.write_config({"model_path": "tiny-zimage", "dataset_path": dataset, "output_name": "dies"})
+    lost.update_status(state="running", kind="train", user="bob", name="dies", pid=dead.pid, pid_start_time=1.0,
+                       host=socket.gethostname(), heartbeat=time.time() - 60, step=2, total_steps=10)  # fmt: skip
+    return failed.path, lost.path
+
+
 def work(job: Job) -> dict:
     cfg = job.run.read_config()
     steps = int(cfg.get("steps", 10))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from browser_support import CHROMIUM_ARGS, chromium_path, streamlit_server
+from support_worker import failed_and_lost_runs
 
 from zimage.runfolder import read_json
 from zimage.views.charts import RUN_COLOURS
@@ -119,33 +120,6 @@ def chart_colours(chart, path: Path) -> dict[str, int]:
         rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
         out[colour] = sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, rgb, strict=True)) < 24)
     return out
-
-
-def failed_and_lost_runs(settings) -> tuple[str, str]:
-    """A run whose worker (the tests' support worker, a real process) raised, and one whose worker died."""
-    import socket
-    import subprocess
-    import sys
-
-    from zimage.runfolder import RunFolder
-
-    failed = RunFolder(settings.runs_dir / "20261203-100000-fails")
-    failed.path.mkdir(parents=True)
-    failed.write_config({"steps": 5, "fail_at": 2, "interval": 0.01})
-    failed.update_status(state="starting", kind="train", user="e2e", name="fails", created=time.time())
-    with open(failed.log_path, "ab") as log:
-        subprocess.run([sys.executable, str(Path(__file__).with_name("support_worker.py")), "--run-dir",
-                        str(failed.path)], env=dict(os.environ, ZIMAGE_HOME=str(settings.home)), stdout=log,
-                       stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
-    assert failed.read_status()["state"] == "failed"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lost = RunFolder(settings.runs_dir / "20261203-100100-dies")
-    lost.path.mkdir(parents=True)
-    lost.write_config({"model_path": "tiny-zimage", "dataset_path": "e2e-shapes", "output_name": "dies"})
-    lost.update_status(state="running", kind="train", user="e2e", name="dies", pid=dead.pid, pid_start_time=1.0,
-                       host=socket.gethostname(), heartbeat=time.time() - 60, step=2, total_steps=10)  # fmt: skip
-    return failed.path.name, lost.path.name
 
 
 def launch(page) -> str:
@@ -288,7 +262,8 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
 
         # 6. A failed run (a real worker's exception) and a lost one: every page names the problem, none shows a
         # traceback
-        failed, lost = failed_and_lost_runs(home)
+        failed, lost = (p.name for p in failed_and_lost_runs(home, dataset="e2e-shapes"))
+        assert read_json(home.runs_dir / failed / "status.json")["state"] == "failed"
         for path in ("", "/Datasets", "/Captioning", "/Train", f"/Runs?run={failed}", f"/Runs?run={lost}",
                      f"/Compare?runs={failed},{lost}"):  # fmt: skip
             page.goto(f"{url}{path}")

@@ -5,15 +5,11 @@ says where the whole log is, never the frames of a traceback."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
+from support_worker import failed_and_lost_runs
 
 from zimage.runfolder import RunFolder
 
@@ -49,26 +45,11 @@ def texts(at: AppTest) -> str:
 
 @pytest.fixture()
 def failed_and_lost(zhome_demo):
-    failed = RunFolder(zhome_demo.runs_dir / "20261203-100000-fails")
-    failed.path.mkdir(parents=True)
-    failed.write_config({"steps": 5, "fail_at": 3, "interval": 0.01})
-    failed.update_status(state="starting", kind="train", user="ann", name="fails", created=time.time() - 30)
-    env = dict(os.environ, ZIMAGE_HOME=str(zhome_demo.home))
-    with open(failed.log_path, "ab") as log:  # as the launcher runs a worker: its output is log.txt
-        proc = subprocess.run([sys.executable, str(SUPPORT), "--run-dir", str(failed.path)], env=env, cwd=ROOT,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=120)  # fmt: skip
-    assert proc.returncode != 0
+    failed_dir, lost_dir = failed_and_lost_runs(zhome_demo, fail_at=3)
+    failed, lost = RunFolder(failed_dir), RunFolder(lost_dir)
     status = failed.read_status()
     assert status["state"] == "failed" and "Traceback" in status["traceback"]
     assert "Traceback (most recent call last)" in failed.log_path.read_text()  # the file keeps it all
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    lost = RunFolder(zhome_demo.runs_dir / "20261203-100100-dies")
-    lost.path.mkdir(parents=True)
-    lost.write_config({"model_path": "tiny-zimage", "dataset_path": "demo-shapes", "output_name": "dies"})
-    lost.update_status(state="running", kind="train", user="bob", name="dies", pid=dead.pid, pid_start_time=1.0,
-                       host=socket.gethostname(), heartbeat=time.time() - 60, step=2, total_steps=10)  # fmt: skip
     return zhome_demo, failed, lost
 
 
