@@ -55,6 +55,8 @@ def live() -> None:
             st.caption("Nothing queued or running.")
         else:
             st.dataframe(home.queue_rows(waiting), hide_index=True, key="home_queue")
+            if limit := settings.home_settings().scheduler.user_limit:  # the `waiting` column names it too
+                st.caption(f"At most {limit} active runs per user (settings.toml `[scheduler] user_limit`).")
         for line in damaged_lines(registry.damaged_runs(reg, limit=10)):
             st.warning(line)
         active = registry.list_runs(reg, state=list(ACTIVE_STATES), limit=20)

@@ -61,7 +61,8 @@ def resume(run_id: str) -> str:
 def launch() -> str:
     user = current_user(login, ss.get("user_name"))
     run_id, position, following = lv.launch_run(settings, tf.read_values(ss), user, busy, actor=actor,
-                                                 gpus=int(ss.get("tr_gpus") or 1))  # fmt: skip
+                                                 gpus=int(ss.get("tr_gpus") or 1),
+                                                 priority=ss.get("tr_priority"))  # fmt: skip
     ss[tf.KEY + "output_name"], ss["tr_launched"] = following, run_id
     return lv.position_text(run_id, position)
 
@@ -155,6 +156,9 @@ with side:
     if (most_gpus := lv.gpus_offered(settings)) > 1:  # data parallel: one torchrun rank per GPU
         st.number_input("GPUs for this run", min_value=1, max_value=most_gpus, value=1, key="tr_gpus",
                         help="Data parallel: one process per GPU, each a batch; the images/step multiply")  # fmt: skip
+    prio = lv.default_priority(settings)
+    st.selectbox("Priority", lv.PRIORITIES, index=lv.PRIORITIES.index(prio), key="tr_priority",
+                 help="Queued high jobs start before normal ones, normal before low")  # fmt: skip
     st.button("Launch", type="primary", key="tr_launch", disabled=bool(problems), on_click=act, args=(launch,))
     with st.expander("Save as preset"):
         st.text_input("Preset name", key="tr_preset_name", persist_state="session")

@@ -127,3 +127,6 @@ def test_data_writes_never_reach_the_file_watcher_and_idle_polls_log_nothing(tmp
     repeated = {line: n for line, n in Counter(zimage_lines).items() if n > 1}
     assert not repeated, f"the same line logged again and again while polling: {list(repeated)[:3]}"
     assert RunFolder(settings.runs_dir / run_id).read_status()["state"] == "completed"
+    # the job's life is in the server log, one line per event
+    events = [line for line in text.splitlines() if run_id in line and " zimage INFO " in line]
+    assert [e.split(" zimage INFO ")[1].split()[0] for e in events] == ["started", "ended"], events

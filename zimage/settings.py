@@ -50,10 +50,13 @@ class _Section(BaseModel):
 
 
 class SchedulerSettings(_Section):
-    """GPU slots of this host's scheduler. ZIMAGE_GPUS / ZIMAGE_JOBS_PER_GPU in the environment win."""
+    """GPU slots of this host's scheduler (ZIMAGE_GPUS / ZIMAGE_JOBS_PER_GPU in the environment win), the
+    priority of a job queued without one, and how many runs one user may have active at once."""
 
     gpus: str | None = None  # "0,1", or "none" for CPU only; unset: every GPU nvidia-smi lists
     jobs_per_gpu: int = Field(default=1, ge=1, le=64)  # jobs that share one GPU
+    default_priority: Literal["high", "normal", "low"] = "normal"  # a job queued without a priority gets this
+    user_limit: int = Field(default=0, ge=0, le=4096)  # runs one user may have active at once; 0: no limit
 
 
 class PathSettings(_Section):

@@ -18,6 +18,7 @@ def register(sub) -> None:
     a.add_argument("--kind", default="train", help="train (default), caption or testgrid")
     a.add_argument("--name", help="a name for the run (default: the config's output_name)")
     a.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1)")
+    a.add_argument("--priority", help="high, normal or low (default: the home's [scheduler] default_priority)")
     a.add_argument("--preset", help="training preset to start from (train only)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one training field (repeatable)")  # fmt: skip
@@ -60,7 +61,8 @@ def run_add(args) -> int:
     from zimage.auth import cli_actor
 
     actor = cli_actor(settings)
-    run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus, actor=actor)
+    run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus, actor=actor,
+                     priority=args.priority)  # fmt: skip
     line = [rid for rid, _ in queued_runs(settings)]
     where = f"position {line.index(run_id) + 1}" if run_id in line else "already started"
     print(f"queued {run_id} ({where})")
@@ -91,6 +93,12 @@ def _age(t) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _waiting(status: dict) -> str:
+    """Why a queued job has not started (the scheduler's words) and how long it has been in line."""
+    why = status.get("waiting")
+    return f"{why} ({_age(status.get('created'))})" if isinstance(why, str) and why else _age(status.get("created"))
+
+
 def run_show(args) -> int:
     from zimage.jobs.owner import OwnerLock, describe_owner
     from zimage.jobs.runinfo import damaged_runs, queue_view
@@ -102,15 +110,15 @@ def run_show(args) -> int:
     owner = OwnerLock(settings).owner()
     hint = "" if owner else " (queued jobs wait: start the app or `zimage worker`)"
     print(f"scheduler: {describe_owner(owner)}{hint}")
-    print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'GPUS':<6} WAITING/STEP")
+    print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'PRIORITY':<8} {'GPUS':<6} WAITING/STEP")
     for run in active:
         st = run["status"]
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
         print(f"{'-':<4} {run['run_id']:<44} {run['kind'] or '?':<9} {run['user'] or '?':<12} "
-              f"{run['state']:<10} {st.get('gpu_ids') or 'cpu':<6} {step}")  # fmt: skip
+              f"{run['state']:<10} {st.get('priority') or 'normal':<8} {st.get('gpu_ids') or 'cpu':<6} {step}")  # fmt: skip
     for pos, (run_id, st) in enumerate(queued, 1):
         print(f"{pos:<4} {run_id:<44} {st.get('kind') or '?':<9} {st.get('user') or '?':<12} "
-              f"{'queued':<10} {st.get('gpus') or 1:<6} {_age(st.get('created'))}")  # fmt: skip
+              f"{'queued':<10} {st.get('priority') or 'normal':<8} {st.get('gpus') or 1:<6} {_waiting(st)}")  # fmt: skip
     if not queued and not active:
         print("(the queue is empty and nothing is running)")
     for run in damaged:

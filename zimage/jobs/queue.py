@@ -1,7 +1,8 @@
 """The job queue, kept in the run folders themselves (DESIGN.md section 2).
 
 A queued job is a run folder whose status.json says `state: "queued"`; its place in line is the number
-`queue_order` in that file. Every change to the line (enqueue, move up/down, cancel, the scheduler taking
+`queue_order` in that file, after its `priority` (high, normal, low: higher first; a job without one is
+normal). Every change to the line (enqueue, move up/down, cancel, the scheduler taking
 the head) happens under one host-wide lock file, `registry/queue.lock` (filelock), so the app, the CLI and
 `zimage worker` can all change the queue at the same time without a database and without losing a job.
 The registry database only mirrors these files.
@@ -29,6 +30,7 @@ from zimage.runfolder import FINAL_STATES, RunFolder
 from zimage.settings import Settings
 
 KINDS = ("train", "caption", "testgrid")
+PRIORITIES = ("high", "normal", "low")  # start order: every high job before any normal one, then low
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # ours, and `zimage train`'s own folder names
 
 
@@ -77,6 +79,24 @@ def run_dirs(settings: Settings) -> list[Path]:
     return sorted(p for p in settings.runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def check_priority(priority) -> str:
+    """A job's priority as given (the CLI, the Train page); a clear error naming the field if it is not one."""
+    if priority not in PRIORITIES:
+        raise JobError(f"priority: {priority!r} is not a priority; allowed: {', '.join(PRIORITIES)}")
+    return priority
+
+
+def priority_rank(status: dict) -> int:
+    """0 for high, 1 for normal, 2 for low; a missing or unknown value (a hand-edited file) counts as normal."""
+    value = status.get("priority")
+    return PRIORITIES.index(value) if value in PRIORITIES else 1
+
+
+def line_key(run_id: str, status: dict) -> tuple:
+    """The place of a queued job in line: priority, then queue_order, then run id."""
+    return (priority_rank(status), status.get("queue_order") or 0.0, run_id)
+
+
 def queued_runs(settings: Settings) -> list[tuple[str, dict]]:
     """(run_id, status) of every queued job, first in line first (read from the folders). A run whose
     status.json is damaged is not in line: it is listed as damaged (runinfo.damaged_runs), never started."""
@@ -85,7 +105,7 @@ def queued_runs(settings: Settings) -> list[tuple[str, dict]]:
         rec = RunFolder(path).status_or_problem()
         if not isinstance(rec, Damaged) and rec.state == "queued":
             out.append((path.name, status_fields(rec)))
-    out.sort(key=lambda item: (item[1].get("queue_order") or 0.0, item[0]))
+    out.sort(key=lambda item: line_key(*item))
     return out
 
 
@@ -103,6 +123,7 @@ def enqueue(
     name: str | None = None,
     gpus: int = 1,
     actor=None,
+    priority: str | None = None,
 ) -> str:
     """Put a job at the end of the queue and return its run id at once; the scheduler starts it.
 
@@ -112,6 +133,8 @@ def enqueue(
     Writes `runs/<run_id>/config.json` and `status.json` (state "queued", kind, user, name, created,
     queue_order). The folder is built under a hidden name and renamed into place, so nobody ever
     sees a run without its config. `gpus` is how many GPUs the job needs (a CPU-only host runs it alone).
+    `priority` (high, normal, low) is kept in status.json; without one, the home's `[scheduler]
+    default_priority` (settings.toml) applies.
     """
     if kind not in KINDS:
         raise JobError(f"kind: {kind!r} is not a job kind; allowed: {', '.join(KINDS)}")
@@ -119,6 +142,7 @@ def enqueue(
         raise JobError("config: must be a mapping of settings")
     if not isinstance(gpus, int) or gpus < 1:
         raise JobError(f"gpus: {gpus!r} must be a whole number of at least 1")
+    priority = check_priority(priority) if priority is not None else settings.home_settings().scheduler.default_priority
     from zimage.auth import auth_mode, checked, default_actor
     from zimage.jobs.users import check_user_name, os_user
 
@@ -134,12 +158,12 @@ def enqueue(
 
         verb, owner = "edit", on_dataset_name(settings, config["dataset"])[2]
     with checked(settings, who, f"{kind}.launch", "run:(new)", owner=owner, verb=verb) as note:
-        run_id = _enqueue(settings, kind, config, user, name, gpus)
+        run_id = _enqueue(settings, kind, config, user, name, gpus, priority)
         note.update(detail=f"queued {name or run_id}", folder=settings.runs_dir / run_id, target=f"run:{run_id}")
     return run_id
 
 
-def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str | None, gpus: int) -> str:
+def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str | None, gpus: int, priority: str) -> str:
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -164,6 +188,7 @@ def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str |
                 created=time.time(),
                 queue_order=_next_order(settings),
                 gpus=gpus,
+                priority=priority,
                 host=socket.gethostname(),
                 step=0,
             )
@@ -171,7 +196,8 @@ def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str |
 
 
 def move(settings: Settings, run_id: str, offset: int) -> int:
-    """Move a queued job `offset` places (-1 = up, +1 = down); returns its new 0-based position."""
+    """Move a queued job `offset` places (-1 = up, +1 = down) among the jobs of its priority (a normal job
+    does not pass a high one: that takes a higher priority); returns its new 0-based position."""
     check_run_id(run_id)
     with queue_lock(settings):
         line = queued_runs(settings)
@@ -179,7 +205,8 @@ def move(settings: Settings, run_id: str, offset: int) -> int:
         if run_id not in ids:
             raise JobError(f"run {run_id}: not in the queue (only queued jobs can be moved)")
         old = ids.index(run_id)
-        new = min(max(old + offset, 0), len(ids) - 1)
+        same = [i for i, (_, s) in enumerate(line) if priority_rank(s) == priority_rank(line[old][1])]
+        new = min(max(old + offset, same[0]), same[-1])  # the line is sorted by priority: `same` is one span
         if new == old:
             return old
         orders = [s.get("queue_order") or 0.0 for _, s in line]

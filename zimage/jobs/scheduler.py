@@ -8,8 +8,9 @@ or in the foreground as `zimage worker`. Each tick (default 1 s, sooner on a fil
    catches whatever the events missed (network disks, inotify limits);
 3. reaps its own finished children, and marks `lost` every active run on this host whose worker process
    is gone (PID + start time) without writing a final state, keeping its last step and heartbeat;
-4. starts queued jobs in FIFO order while GPU slots are free (strict order: a job needing two GPUs is
-   not overtaken).
+4. starts queued jobs in line order (priority, then FIFO) while GPU slots are free (strict order: a job
+   needing two GPUs is not overtaken), passing over the jobs of a user at the home's `user_limit`, and
+   records in each queued job's status.json why it waits (only when the reason changes).
 Steps 3 and 4 are dispatch.py; a registry file deleted under the scheduler is rebuilt from the folders.
 Workers are detached, so stopping the scheduler leaves them running; the next scheduler re-attaches to
 them simply by finding them alive.
@@ -26,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from zimage.errors import UserError
 from zimage.jobs import dispatch
 from zimage.jobs import owner as owner_mod
 from zimage.jobs.launcher import process_alive
@@ -102,6 +104,7 @@ class Scheduler:
         self._handed_over_to: int | None = None
         self.host = socket.gethostname()
         self.error: str | None = None
+        self._settings_problem: str | None = None
         self.created = time.monotonic()
 
     # -- control ------------------------------------------------------------------------------------
@@ -291,12 +294,35 @@ class Scheduler:
     def _reap(self) -> None:
         for run_id in dispatch.reap():
             self.ingester.ingest_run(run_id)
+            row = self.ingester.runs.get(run_id) or {}
+            log.info("ended %s (%s): %s", run_id, row.get("kind") or "job", row.get("state") or "unknown")
 
     def _reconcile(self) -> None:
         dispatch.mark_lost(self.settings, self.ingester, self.host)
 
     def _start_queued(self) -> None:
-        dispatch.start_queued(self.settings, self.ingester, self.slots, self.host)
+        try:
+            limit = self.settings.home_settings().scheduler.user_limit  # re-read only when the file changed
+        except UserError as exc:  # settings.toml broken meanwhile: start nothing rather than ignore a limit
+            if str(exc) != self._settings_problem:
+                log.error("not starting queued jobs: %s", exc)
+            self._settings_problem = str(exc)
+            return
+        self._settings_problem = None
+        dispatch.start_queued(self.settings, self.ingester, self.slots, self.host, limit)
+        dispatch.note_waiting(self.settings, self.ingester, self.slots, self.host, limit)
+
+
+def _log_job_events() -> None:
+    """One line per job event (started, ended, lost) on stderr, i.e. in the app server's log, where nothing
+    else configured logging for zimage (`zimage worker` does its own; a test's or embedder's config wins)."""
+    ours = logging.getLogger("zimage")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s zimage %(levelname)s %(message)s"))
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
 
 
 def ensure_scheduler(settings: Settings, **options) -> Scheduler:
@@ -312,6 +338,7 @@ def ensure_scheduler(settings: Settings, **options) -> Scheduler:
         if "launch_jobs" not in options and os.environ.get("ZIMAGE_SCHEDULER_LAUNCH", "1") == "0":
             options["launch_jobs"] = False
         settings.ensure()
+        _log_job_events()
         _register_exit_hook()
         sched = Scheduler(settings, **options).start()
         _schedulers[key] = sched

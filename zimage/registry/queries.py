@@ -216,14 +216,18 @@ def config_diff(reg: Registry, run_ids: Sequence[str], all_keys: bool = False) -
 
 
 def queue(reg: Registry) -> pd.DataFrame:
-    """Queued jobs in the order they will start (position 1 starts next), then the ones running now."""
+    """Queued jobs in the order they will start (position 1 starts next: priority, then queue order), then the
+    ones running now; `priority` and `waiting` (why a queued job has not started) come from status.json."""
     active = ", ".join(f"'{s}'" for s in ACTIVE_STATES)
+    rank = "CASE json_extract_string(status, '$.priority') WHEN 'high' THEN 0 WHEN 'low' THEN 2 ELSE 1 END"
     return reg.fetch_df(
         f"""SELECT CASE WHEN state = 'queued' THEN row_number() OVER (
-                       PARTITION BY state = 'queued' ORDER BY queue_order, run_id) END AS position,
-                   run_id, kind, name, user_name AS user, state, gpus, gpu_ids, created, started, step, total_steps
+                       PARTITION BY state = 'queued' ORDER BY {rank}, queue_order, run_id) END AS position,
+                   run_id, kind, name, user_name AS user, state, gpus, gpu_ids, created, started, step, total_steps,
+                   coalesce(json_extract_string(status, '$.priority'), 'normal') AS priority,
+                   CASE WHEN state = 'queued' THEN json_extract_string(status, '$.waiting') END AS waiting
             FROM runs WHERE state = 'queued' OR state IN ({active})
-            ORDER BY state <> 'queued', queue_order, run_id"""
+            ORDER BY state <> 'queued', {rank}, queue_order, run_id"""
     )
 
 

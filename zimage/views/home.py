@@ -63,7 +63,8 @@ def recent_loras(settings: Settings, limit: int = 10) -> list[dict]:
 
 
 def queue_rows(df: pd.DataFrame) -> list[dict]:
-    """registry.queue rows: position (queued only), run, kind, user, state."""
+    """registry.queue rows: position (queued only), run, kind, user, state, priority, and why a queued job
+    waits ("waiting for a GPU", "user limit 2 reached", "behind 3 jobs"; the scheduler's words)."""
     return [
         {
             "position": "" if pd.isna(r.position) else str(int(r.position)),  # text: running jobs have none
@@ -72,6 +73,8 @@ def queue_rows(df: pd.DataFrame) -> list[dict]:
             "name": r.name,
             "user": r.user,
             "state": r.state,
+            "priority": _text(getattr(r, "priority", None)) or "normal",
+            "waiting": _text(getattr(r, "waiting", None)) if r.state == "queued" else "",
         }
         for r in df.itertuples(index=False)
     ]

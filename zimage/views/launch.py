@@ -9,7 +9,7 @@ import pandas as pd
 
 from zimage import jobs
 from zimage.errors import UserError
-from zimage.jobs.queue import queued_runs
+from zimage.jobs.queue import PRIORITIES, queued_runs  # noqa: F401 - PRIORITIES: for the Train page
 from zimage.jobs.scheduler import refresh_run
 from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import Settings
@@ -37,10 +37,17 @@ def queue_position(settings: Settings, run_id: str) -> int | None:
 
 
 def launch_run(
-    settings: Settings, values: Mapping[str, Any], user: str | None, busy: Mapping[str, str], actor=None, gpus: int = 1
+    settings: Settings,
+    values: Mapping[str, Any],
+    user: str | None,
+    busy: Mapping[str, str],
+    actor=None,
+    gpus: int = 1,
+    priority: str | None = None,
 ) -> tuple[str, int | None, str]:
     """Check the form and queue the run: (run id, queue position, a free output name for the next run).
-    `gpus` > 1 trains data parallel, one torchrun rank per GPU (gpus_offered says how many this host has)."""
+    `gpus` > 1 trains data parallel, one torchrun rank per GPU (gpus_offered says how many this host has);
+    `priority` is high, normal or low (None: the home's default)."""
     problems, _resolved = tf.check(values, settings, busy)
     if problems:
         n = sum(len(v) for v in problems.values())
@@ -49,7 +56,7 @@ def launch_run(
         raise NotLaunched("Your name: type it in the sidebar first, so the team knows whose run this is.")
     config = tf.config_from_values(values)
     run_id = jobs.enqueue(settings, "train", config.to_dict(), user=user, name=config.output_name, actor=actor,
-                          gpus=gpus)  # fmt: skip
+                          gpus=gpus, priority=priority)  # fmt: skip
     refresh_run(settings, run_id)  # the registry (Runs page, busy names) knows it at once
     following = tf.free_output_name(settings, config.output_name, taken=[*busy, config.output_name])
     return run_id, queue_position(settings, run_id), following
@@ -64,6 +71,14 @@ def gpus_offered(settings: Settings) -> int:
         return max(1, len(slot_config(home=settings.home_settings().scheduler).gpu_ids))
     except UserError:  # a bad ZIMAGE_GPUS / settings.toml: the scheduler reports it; one GPU here
         return 1
+
+
+def default_priority(settings: Settings) -> str:
+    """The priority the Train page preselects: settings.toml's `[scheduler] default_priority`."""
+    try:
+        return settings.home_settings().scheduler.default_priority
+    except UserError:  # a bad settings.toml: the scheduler reports it; enqueue refuses with the reason
+        return "normal"
 
 
 def position_text(run_id: str, position: int | None) -> str:
