@@ -264,11 +264,14 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         # traceback
         failed, lost = (p.name for p in failed_and_lost_runs(home, dataset="e2e-shapes"))
         assert read_json(home.runs_dir / failed / "status.json")["state"] == "failed"
-        for path in ("", "/Datasets", "/Captioning", "/Train", f"/Runs?run={failed}", f"/Runs?run={lost}",
-                     f"/Compare?runs={failed},{lost}"):  # fmt: skip
+        walk = [("", "Z-Image LoRA Studio"), ("/Datasets", "Datasets"), ("/Captioning", "Captioning"),
+                ("/Train", "Train"), ("/LoRAs", "LoRAs"), (f"/Runs?run={failed}", "fails · failed"),
+                (f"/Runs?run={lost}", "dies · lost"), (f"/Compare?runs={failed},{lost}", "Compare")]  # fmt: skip
+        for path, heading in walk:
             page.goto(f"{url}{path}")
-            page.locator("[data-testid='stMain']").wait_for()
+            page.get_by_role("heading", name=heading).first.wait_for(timeout=WAIT_MS)  # the page is drawn
             settle(page)
+            page.wait_for_timeout(1000)  # and its live parts have had their first tick
             text = page.inner_text("body")
             for bad in ("Traceback (most recent call last)", 'File "'):
                 assert bad not in text, f"{path}: {bad!r} on the page"
