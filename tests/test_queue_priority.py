@@ -10,6 +10,7 @@ import time
 
 import pytest
 import support_worker
+from test_jobs_scheduler import status, wait_for  # the scheduler tests' helpers
 
 from zimage import registry as R
 from zimage.cli.queue import run_show
@@ -22,20 +23,6 @@ from zimage.views import home as home_view
 
 FAST = {"tick": 0.1, "rescan": 1.0}
 LONG = {"steps": 100000, "interval": 0.05}  # runs until it is stopped
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def status(settings, run_id):
-    return RunFolder(settings.runs_dir / run_id).read_status()
 
 
 def states(settings, ids):
