@@ -223,6 +223,7 @@ class RunFolder:
             error=None,
             traceback=None,
             **({"total_steps": total_steps} if total_steps is not None else {}),
+            **_backend_identity(),
         )
 
     def worker_alive(self) -> bool:
@@ -334,3 +335,16 @@ class RunFolder:
             self.log(message)
         except OSError:  # a full disk must not turn a skipped request into a failed run
             pass
+
+
+def _backend_identity() -> dict:
+    """The cluster job a worker runs in, where a cluster launcher started it (ZIMAGE_BACKEND_LOG is set):
+    Ray's submission id (ZIMAGE_BACKEND_JOB_ID), Slurm's SLURM_JOB_ID or submitit's local job id, and the
+    backend's log of that job (`%j` is the job id)."""
+    log = os.environ.get("ZIMAGE_BACKEND_LOG")
+    if log is None:
+        return {}
+    env = os.environ
+    job_id = env.get("ZIMAGE_BACKEND_JOB_ID") or env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
+    fields = {"backend_log": log.replace("%j", job_id) if job_id else log} if log else {}
+    return {**fields, **({"backend_job_id": job_id} if job_id else {})}

@@ -9,7 +9,7 @@
 
 `ZIMAGE_HOME/settings.toml` holds what an admin sets for the home (DESIGN.md section 8). It is optional
 and empty by default; one schema (`HomeSettings`, pydantic, unknown keys refused), read in one place
-(`Settings.home_settings()`), and later work adds its sections there (auth, launcher, limits).
+(`Settings.home_settings()`), and sections: `launcher` (top level), [scheduler], [paths], [auth], [ray], [slurm].
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ class SchedulerSettings(_Section):
     jobs_per_gpu: int = Field(default=1, ge=1, le=64)  # jobs that share one GPU
     default_priority: Literal["high", "normal", "low"] = "normal"  # a job queued without a priority gets this
     user_limit: int = Field(default=0, ge=0, le=4096)  # runs one user may have active at once; 0: no limit
+    # Remote runs (ray, slurm): `lost` when the heartbeat is older than this while the backend says running
+    heartbeat_timeout_s: float = Field(default=120.0, ge=2.0, le=86400.0)
+    stop_grace_s: float = Field(default=60.0, ge=0.0, le=86400.0)  # a stop the worker ignores this long: cancel
 
 
 class PathSettings(_Section):
@@ -86,9 +89,38 @@ class AuthSettings(_Section):
     unknown_users: Literal["viewer", "refuse"] = "viewer"  # an oidc login that `roles` does not name
 
 
+class RaySettings(_Section):
+    """The `ray` launcher (zimage.jobs.backends.ray_jobs): Ray Jobs on an existing cluster."""
+
+    address: str | None = None  # the dashboard's http://HOST:8265; unset: RAY_ADDRESS from the environment
+    python: str | None = None  # the interpreter on the nodes (a shared venv); unset: this process's
+    cpus_per_job: float = Field(default=1.0, gt=0, le=1024)  # what a job asks for on a cluster without GPUs
+    max_jobs: int = Field(default=0, ge=0, le=100000)  # at most this many zimage jobs at once; 0: what fits
+
+
+class SlurmSettings(_Section):
+    """The `slurm` launcher (zimage.jobs.backends.slurm): sbatch through submitit, one node per job."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit_min: int = Field(default=1440, ge=1, le=525600)
+    gpus_per_node: int = Field(default=8, ge=0, le=64)  # the most GPUs one job may ask for (one node)
+    cpus_per_task: int = Field(default=8, ge=1, le=1024)
+    mem_gb: int = Field(default=0, ge=0, le=65536)  # 0: the partition's default
+    max_jobs: int = Field(default=4, ge=1, le=100000)  # zimage jobs in Slurm (pending or running) at once
+    python: str | None = None  # the interpreter on the nodes; unset: this process's
+    setup: list[str] = Field(default_factory=list)  # shell lines run before the worker, e.g. "module load cuda"
+    sbatch: dict[str, str | int] = Field(default_factory=dict)  # more #SBATCH options, e.g. {constraint = "h100"}
+    executor: Literal["slurm", "local"] = "slurm"  # local: submitit's local executor on this host (to try it)
+
+
 class HomeSettings(_Section):
     """The whole of settings.toml; every section and field optional."""
 
+    launcher: Literal["local", "ray", "slurm"] = "local"  # where queued jobs run; `queue add --backend` wins
+    ray: RaySettings = Field(default_factory=RaySettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -22,6 +22,7 @@ start time says: a reused PID has a different start time. `kill_job` ends a job'
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -43,6 +44,16 @@ def worker_command(kind: str, run_dir: Path, ranks: int = 1) -> list[str]:
     return [sys.executable, "-m", "zimage.cli", kind, "--run-dir", str(run_dir)]
 
 
+def remote_command(kind: str, run_dir: Path, gpus: int, python: str | None = None) -> list[str]:
+    """The worker command of a job that a cluster backend runs on `gpus` GPUs of one node (torchrun inside the
+    allocation for a train job over several); `python` (settings: the nodes' interpreter) replaces this one."""
+    ranks = gpus if kind == "train" and gpus > 1 else 1
+    cmd = worker_command(kind, run_dir, ranks) if ranks > 1 else worker_command(kind, run_dir)
+    if python and cmd and cmd[0] == sys.executable:
+        cmd = [*shlex.split(python), *cmd[1:]]
+    return cmd
+
+
 def ranks_for(kind: str, gpu_ids: list[str]) -> int:
     """Processes a job runs as: one per assigned GPU for training (data parallel), else one."""
     return len(gpu_ids) if kind == "train" and len(gpu_ids) > 1 else 1
@@ -54,6 +65,7 @@ def launch(settings: Settings, run_id: str, kind: str, gpu_ids: list[str]) -> su
     visible = ",".join(gpu_ids)
     folder.update_status(
         state="starting",
+        backend="local",
         gpu_ids=visible,
         host=socket.gethostname(),
         launched=time.time(),

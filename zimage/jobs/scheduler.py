@@ -7,10 +7,12 @@ or in the foreground as `zimage worker`. Each tick (default 1 s, sooner on a fil
 2. ingests the run folders that changed: watchdog events mark them, and a full rescan every few seconds
    catches whatever the events missed (network disks, inotify limits);
 3. reaps its own finished children, and marks `lost` every active run on this host whose worker process
-   is gone (PID + start time) without writing a final state, keeping its last step and heartbeat;
-4. starts queued jobs in line order (priority, then FIFO) while GPU slots are free (strict order: a job
-   needing two GPUs is not overtaken), passing over the jobs of a user at the home's `user_limit`, and
-   records in each queued job's status.json why it waits (only when the reason changes).
+   is gone (PID + start time) without writing a final state, keeping its last step and heartbeat; a run on
+   a cluster backend is asked about through that backend instead (remote.py);
+4. starts queued jobs in line order (priority, then FIFO), one line per backend (local, ray, slurm), while
+   that backend has free slots (strict order: a job needing two GPUs is not overtaken), passing over the
+   jobs of a user at the home's `user_limit`, and records in each queued job's status.json why it waits
+   (only when the reason changes).
 Steps 3 and 4 are dispatch.py; a registry file deleted under the scheduler is rebuilt from the folders.
 Workers are detached, so stopping the scheduler leaves them running; the next scheduler re-attaches to
 them simply by finding them alive.
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 
 from zimage.errors import UserError
-from zimage.jobs import dispatch
+from zimage.jobs import dispatch, remote
 from zimage.jobs import owner as owner_mod
 from zimage.jobs.launcher import process_alive
 from zimage.jobs.owner import OwnerLock, describe_owner
@@ -299,6 +301,7 @@ class Scheduler:
 
     def _reconcile(self) -> None:
         dispatch.mark_lost(self.settings, self.ingester, self.host)
+        remote.reconcile(self.settings, self.ingester)  # runs on Ray or Slurm: their backend says
 
     def _start_queued(self) -> None:
         try:

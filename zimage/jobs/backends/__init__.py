@@ -1,0 +1,201 @@
+"""Where a job that the scheduler releases runs: one small interface, three launchers.
+
+The queue, priorities and per-user limits stay in the studio (zimage.jobs.dispatch); a backend only runs
+what the scheduler releases, on a shared filesystem (ZIMAGE_HOME is the same path on every node):
+
+    backend.submit(spec) -> Handle     start `spec`'s worker command; the handle names the backend's job
+    backend.poll(handle) -> Poll       running | finished | failed | unknown (the backend's own word in detail)
+    backend.cancel(handle)             end the job through the backend (after a stop the worker ignored)
+    backend.capacity() -> Capacity     the slots it offers (local GPU ids, Ray's GPUs, Slurm's max_jobs)
+    backend.health() -> Health         reachable or not, with the error; for Home and `zimage queue`
+
+- `local` (local.py): a detached process on this host (zimage.jobs.launcher), the default;
+- `ray` (ray_jobs.py): Ray Jobs through `JobSubmissionClient` (the `[ray]` extra);
+- `slurm` (slurm.py): sbatch through submitit, the worker's command line as a `CommandFunction` (the
+  `[slurm]` extra).
+The home chooses one (`launcher = "ray"` at the top of settings.toml) and a job may name another
+(`zimage queue add --backend slurm`, status.json `backend`). Stop, pause and save-now still go through
+control.json on the shared filesystem whatever runs the worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zimage.errors import UserError
+from zimage.settings import Settings
+
+BACKENDS = ("local", "ray", "slurm")
+_EXTRAS = {"ray": "ray", "slurm": "submitit"}  # backend -> the module its extra installs
+POLL_STATES = ("running", "finished", "failed", "unknown")
+HANDLE_FIELDS = ("backend", "backend_job_id", "backend_log", "backend_address")
+
+
+class BackendError(UserError):
+    """A backend cannot be used (not installed, unreachable, refused the job); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a backend needs to run one released job."""
+
+    run_id: str
+    run_dir: Path
+    kind: str
+    gpus: int = 1  # GPUs the job needs
+    user: str | None = None
+    gpu_ids: tuple[str, ...] = ()  # local only: the GPUs the slots assigned
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A submitted job as its backend knows it; kept in launch.json (and status.json) of the run."""
+
+    backend: str
+    job_id: str
+    log: str | None = None  # where the backend keeps the job's own output
+    address: str | None = None  # the cluster it went to (Ray's dashboard address)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        return {"backend": self.backend, "backend_job_id": self.job_id, "backend_log": self.log,
+                "backend_address": self.address}  # fmt: skip
+
+    @classmethod
+    def from_fields(cls, data: dict | None) -> Handle | None:
+        data = data or {}
+        backend, job_id = data.get("backend"), data.get("backend_job_id")
+        if not isinstance(backend, str) or not isinstance(job_id, str | int) or isinstance(job_id, bool):
+            return None
+        log, address = data.get("backend_log"), data.get("backend_address")
+        return cls(
+            backend, str(job_id), log if isinstance(log, str) else None, address if isinstance(address, str) else None
+        )
+
+
+@dataclass(frozen=True)
+class Poll:
+    state: str  # one of POLL_STATES
+    detail: str = ""  # the backend's own state and message, for the run's error and log
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Slots a backend offers: `total` units of `unit` ("GPU": a job costs its GPUs; "job": one each), and
+    the most GPUs a single job may ask for (one node), None when unknown."""
+
+    total: int
+    unit: str = "job"
+    per_job: int | None = None
+    where: str = ""  # "on Ray", "in Slurm": for the reasons a job waits
+    max_jobs: int | None = None  # at most this many of the studio's jobs at once, whatever the units say
+
+    def cost(self, gpus: int) -> int:
+        return max(1, gpus) if self.unit == "GPU" else 1
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    summary: str  # what it is and what it offers, or why it cannot be used
+
+
+class Backend:
+    """The interface; see the module docstring."""
+
+    name = "?"
+
+    def submit(self, spec: JobSpec) -> Handle:  # pragma: no cover - the interface
+        raise NotImplementedError
+
+    def poll(self, handle: Handle) -> Poll:  # pragma: no cover
+        raise NotImplementedError
+
+    def cancel(self, handle: Handle) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def capacity(self) -> Capacity:  # pragma: no cover
+        raise NotImplementedError
+
+    def health(self) -> Health:  # pragma: no cover
+        raise NotImplementedError
+
+
+def check_backend(name: Any, field_name: str = "backend") -> str:
+    """A backend name as given (CLI, settings); a clear error naming the field, or the missing extra."""
+    if name not in BACKENDS:
+        raise BackendError(f"{field_name}: {name!r} is not a launcher; allowed: {', '.join(BACKENDS)}")
+    module = _EXTRAS.get(name)
+    if module and importlib.util.find_spec(module) is None:
+        raise BackendError(
+            f"{field_name}: the {name} launcher needs the [{name}] extra: pip install 'zimage-lora-studio[{name}]'"
+        )
+    return name
+
+
+def backend_of(settings: Settings, status: dict) -> str:
+    """The backend a job runs on: its own (status.json `backend`), else, for a queued job, the home's launcher;
+    a started job without one ran before there were backends: local."""
+    name = status.get("backend")
+    if isinstance(name, str) and name:
+        return name
+    if status.get("state") == "queued":
+        return settings.home_settings().launcher
+    return "local"
+
+
+def is_remote(status: dict) -> bool:
+    """True for a started job that a cluster backend runs (no local PID to watch)."""
+    return status.get("backend") in ("ray", "slurm")
+
+
+_cache: dict[tuple, Backend] = {}
+
+
+def get_backend(settings: Settings, name: str, slots=None) -> Backend:
+    """The backend `name` with the home's current settings (one object per settings, so clients and job
+    objects are kept); `slots` (a SlotConfig) is the local backend's."""
+    check_backend(name)
+    home = settings.home_settings()
+    if name == "local":
+        from zimage.jobs.backends.local import LocalBackend
+
+        return LocalBackend(settings, slots)
+    section = getattr(home, name)
+    key = (settings.home, name, section.model_dump_json())
+    backend = _cache.get(key)
+    if backend is None:
+        if name == "ray":
+            from zimage.jobs.backends.ray_jobs import RayBackend as cls
+        else:
+            from zimage.jobs.backends.slurm import SlurmBackend as cls
+        backend = _cache[key] = cls(settings, section)
+    return backend
+
+
+_health: dict[tuple, tuple[float, Health]] = {}
+HEALTH_TTL_S = 10.0
+
+
+def health(settings: Settings, name: str | None = None) -> tuple[str, Health]:
+    """(backend name, its health) for the home's launcher or `name`, asked at most every HEALTH_TTL_S."""
+    try:
+        name = name or settings.home_settings().launcher
+    except UserError as exc:
+        return "?", Health(False, str(exc))
+    key = (settings.home, name)
+    cached = _health.get(key)
+    if cached is not None and time.monotonic() - cached[0] < HEALTH_TTL_S:
+        return name, cached[1]
+    try:
+        result = get_backend(settings, name).health()
+    except UserError as exc:
+        result = Health(False, str(exc))
+    except Exception as exc:  # a backend library's own error: say it, never a traceback on a page
+        result = Health(False, f"{type(exc).__name__}: {exc}")
+    _health[key] = (time.monotonic(), result)
+    return name, result

@@ -1,0 +1,158 @@
+"""The `ray` launcher: Ray Jobs on an existing cluster (`JobSubmissionClient`; the `[ray]` extra).
+
+The entrypoint is the worker's own command line (zimage.jobs.launcher.remote_command); the job asks Ray for
+its GPUs (`entrypoint_num_gpus`, all on one node; a train job over several runs torchrun there), or, on a
+cluster without GPUs, for `[ray] cpus_per_job` CPUs. Its runtime env carries ZIMAGE_HOME, which must be the
+same shared folder on every node. The submission id is ours (`zimage-<run id>-<ms>`), so it is written to
+status.json before Ray can start the worker. Slots are the cluster's GPUs (alive nodes), or on a CPU-only
+cluster its CPUs over cpus_per_job, capped by `[ray] max_jobs`.
+
+The address is `[ray] address` (the dashboard's http://HOST:8265), else RAY_ADDRESS, as Ray's own tools do.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import threading
+import time
+
+from zimage.jobs import launcher
+from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll
+from zimage.settings import RaySettings, Settings
+
+_STATES = {"PENDING": "running", "RUNNING": "running", "SUCCEEDED": "finished", "FAILED": "failed",
+           "STOPPED": "failed"}  # fmt: skip
+CAPACITY_TTL_S = 5.0
+
+
+def ray_state(status: str, message: str = "") -> Poll:
+    """A Ray job status (JobStatus value) as a poll answer; the detail keeps Ray's words."""
+    detail = f"Ray: {status}" + (f" ({_short(message)})" if message else "")
+    return Poll(_STATES.get(str(status), "unknown"), detail)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class RayBackend(Backend):
+    name = "ray"
+
+    def __init__(self, settings: Settings, section: RaySettings):
+        self.settings, self.section = settings, section
+        self._client = None
+        self._lock = threading.Lock()
+        self._capacity: tuple[float, Capacity] | None = None
+
+    # -- the client ---------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        address = self.section.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise BackendError("ray: no address: set [ray] address in settings.toml (http://HEAD:8265) or RAY_ADDRESS")
+        return address
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                address = self.address
+                try:
+                    self._client = JobSubmissionClient(address)
+                except Exception as exc:  # ConnectionError, a wrong scheme, a version mismatch
+                    raise BackendError(f"ray: cannot reach the cluster at {address}: {_short(exc)}") from None
+            return self._client
+
+    def _forget_client(self) -> None:
+        with self._lock:
+            self._client = None
+
+    # -- the interface ------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> Handle:
+        handle = self.plan(spec)
+        client = self.client()
+        cap = self.capacity()
+        cmd = launcher.remote_command(spec.kind, spec.run_dir, spec.gpus, self.section.python)
+        resources = {"entrypoint_num_gpus": spec.gpus} if cap.unit == "GPU" else {
+            "entrypoint_num_cpus": self.section.cpus_per_job}  # fmt: skip
+        env = {"ZIMAGE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
+               "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
+        try:
+            client.submit_job(
+                entrypoint=shlex.join(cmd),
+                submission_id=handle.job_id,
+                runtime_env={"env_vars": env},
+                metadata={"zimage_run": spec.run_id, "user": spec.user or "?"},
+                **resources,
+            )
+        except Exception as exc:
+            self._forget_client()
+            raise BackendError(
+                f"ray: the cluster at {handle.address} refused job {handle.job_id}: {_short(exc)}"
+            ) from None
+        return handle
+
+    def plan(self, spec: JobSpec) -> Handle:
+        """The handle a submission of `spec` will have (Ray takes our submission id), before it is made."""
+        address = self.address
+        job_id = f"zimage-{spec.run_id}-{int(time.time() * 1000)}"
+        return Handle("ray", job_id, log=f"ray job logs {job_id} --address {address}", address=address)
+
+    def poll(self, handle: Handle) -> Poll:
+        try:
+            info = self.client().get_job_info(handle.job_id)
+        except BackendError as exc:
+            return Poll("unknown", str(exc))
+        except Exception as exc:  # 404: the cluster does not know it (restarted?); or the request failed
+            self._forget_client()
+            return Poll("unknown", f"Ray: {_short(exc)}")
+        return ray_state(str(info.status), info.message or "")
+
+    def cancel(self, handle: Handle) -> None:
+        try:
+            self.client().stop_job(handle.job_id)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"ray: could not stop job {handle.job_id}: {_short(exc)}") from None
+
+    def _nodes(self) -> list:
+        from ray.util.state import list_nodes
+
+        client = self.client()
+        try:
+            nodes = list_nodes(address=client.get_address(), detail=True, raise_on_missing_output=False)
+        except Exception as exc:
+            self._forget_client()
+            raise BackendError(f"ray: cannot list the nodes of {self.address}: {_short(exc)}") from None
+        return [n for n in nodes if str(getattr(n, "state", "")) == "ALIVE"]
+
+    def capacity(self) -> Capacity:
+        cached = self._capacity
+        if cached is not None and time.monotonic() - cached[0] < CAPACITY_TTL_S:
+            return cached[1]
+        nodes = self._nodes()
+        gpus = [int((n.resources_total or {}).get("GPU", 0)) for n in nodes]
+        most = self.section.max_jobs or None
+        if sum(gpus):
+            cap = Capacity(sum(gpus), "GPU", max(gpus), "on Ray", most)
+        else:  # a CPU-only cluster: a job asks for cpus_per_job CPUs, whatever GPUs it names
+            cpus = sum(float((n.resources_total or {}).get("CPU", 0)) for n in nodes)
+            cap = Capacity(int(cpus // self.section.cpus_per_job), "job", None, "on Ray", most)
+        self._capacity = (time.monotonic(), cap)
+        return cap
+
+    def health(self) -> Health:
+        import ray
+
+        try:
+            nodes = self._nodes()
+        except BackendError as exc:
+            return Health(False, str(exc))
+        gpus = sum(int((n.resources_total or {}).get("GPU", 0)) for n in nodes)
+        cpus = sum(float((n.resources_total or {}).get("CPU", 0)) for n in nodes)
+        return Health(True, f"Ray {ray.__version__} at {self.address}: {len(nodes)} node(s), {gpus} GPU(s), "
+                            f"{cpus:g} CPU(s)")  # fmt: skip
