@@ -5,6 +5,7 @@ import streamlit as st
 from zimage import jobs, registry
 from zimage.catalogue import list_models
 from zimage.data.manage import dataset_rows
+from zimage.jobs.backends import health as backend_health
 from zimage.runfolder import ACTIVE_STATES
 from zimage.settings import get_settings
 from zimage.system import disk_usage, gpu_report
@@ -50,11 +51,14 @@ def live() -> None:
     with shown_errors(st.warning):
         reg = open_registry(settings)
         st.subheader("Queue")
+        name, health = backend_health(settings)
+        ok, text = home.launcher_line(name, health)
+        (st.caption if ok else st.warning)(text)
         waiting = registry.queue(reg)
         if waiting.empty:
             st.caption("Nothing queued or running.")
         else:
-            st.dataframe(home.queue_rows(waiting), hide_index=True, key="home_queue")
+            st.dataframe(home.queue_rows(waiting, name), hide_index=True, key="home_queue")
             if limit := settings.home_settings().scheduler.user_limit:  # the `waiting` column names it too
                 st.caption(f"At most {limit} active runs per user (settings.toml `[scheduler] user_limit`).")
         for line in damaged_lines(registry.damaged_runs(reg, limit=10)):

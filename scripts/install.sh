@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test,trackers,auth]"  # tracker tests read real TensorBoard, MLflow, W&B files; auth: real hashes
+# tracker tests read real TensorBoard, MLflow, W&B files; auth: real hashes; ray: a real local Ray head; slurm: submitit
+[ "${1:-}" = "--test" ] && extras="[test,trackers,auth,ray,slurm]"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q)

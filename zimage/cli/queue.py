@@ -19,6 +19,7 @@ def register(sub) -> None:
     a.add_argument("--name", help="a name for the run (default: the config's output_name)")
     a.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1)")
     a.add_argument("--priority", help="high, normal or low (default: the home's [scheduler] default_priority)")
+    a.add_argument("--backend", help="local, ray or slurm (default: the home's launcher in settings.toml)")
     a.add_argument("--preset", help="training preset to start from (train only)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one training field (repeatable)")  # fmt: skip
@@ -62,7 +63,7 @@ def run_add(args) -> int:
 
     actor = cli_actor(settings)
     run_id = enqueue(settings, args.kind, config, user=os_user(), name=args.name, gpus=args.gpus, actor=actor,
-                     priority=args.priority)  # fmt: skip
+                     priority=args.priority, backend=args.backend)  # fmt: skip
     line = [rid for rid, _ in queued_runs(settings)]
     where = f"position {line.index(run_id) + 1}" if run_id in line else "already started"
     print(f"queued {run_id} ({where})")
@@ -110,15 +111,23 @@ def run_show(args) -> int:
     owner = OwnerLock(settings).owner()
     hint = "" if owner else " (queued jobs wait: start the app or `zimage worker`)"
     print(f"scheduler: {describe_owner(owner)}{hint}")
-    print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'PRIORITY':<8} {'GPUS':<6} WAITING/STEP")
+    from zimage.jobs.backends import health
+
+    name, state = health(settings)
+    print(f"launcher: {name} ({'ok' if state.ok else 'NOT REACHABLE'}): {state.summary}")
+    print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'PRIORITY':<8} {'ON':<6} {'GPUS':<6} "
+          "WAITING/STEP")  # fmt: skip
     for run in active:
         st = run["status"]
         step = f"{run['step'] or 0}/{run['total_steps'] or '?'}"
-        print(f"{'-':<4} {run['run_id']:<44} {run['kind'] or '?':<9} {run['user'] or '?':<12} "
-              f"{run['state']:<10} {st.get('priority') or 'normal':<8} {st.get('gpu_ids') or 'cpu':<6} {step}")  # fmt: skip
+        job = f" (job {st['backend_job_id']})" if st.get("backend_job_id") and st.get("backend") != "local" else ""
+        gpus = st.get("gpu_ids") or (str(st.get("gpus") or 1) if job else "cpu")
+        print(f"{'-':<4} {run['run_id']:<44} {run['kind'] or '?':<9} {run['user'] or '?':<12} {run['state']:<10} "
+              f"{st.get('priority') or 'normal':<8} {st.get('backend') or 'local':<6} {gpus:<6} {step}{job}")  # fmt: skip
     for pos, (run_id, st) in enumerate(queued, 1):
-        print(f"{pos:<4} {run_id:<44} {st.get('kind') or '?':<9} {st.get('user') or '?':<12} "
-              f"{'queued':<10} {st.get('priority') or 'normal':<8} {st.get('gpus') or 1:<6} {_waiting(st)}")  # fmt: skip
+        on = st.get("backend") or name
+        print(f"{pos:<4} {run_id:<44} {st.get('kind') or '?':<9} {st.get('user') or '?':<12} {'queued':<10} "
+              f"{st.get('priority') or 'normal':<8} {on:<6} {st.get('gpus') or 1:<6} {_waiting(st)}")  # fmt: skip
     if not queued and not active:
         print("(the queue is empty and nothing is running)")
     for run in damaged:

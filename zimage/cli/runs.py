@@ -99,10 +99,21 @@ def run_show(args) -> int:
         print(f"damaged  {info['problem']}")
     if st.get("gpu_ids") is not None:
         print(f"gpus     {st.get('gpu_ids') or 'cpu'}  pid {st.get('pid') or '-'}  host {st.get('host') or '-'}")
+    from zimage.jobs.backends import is_remote
+    from zimage.jobs.remote import handle_of
+
+    remote = is_remote(st)
+    if remote:
+        handle = handle_of(RunFolder(info["run_dir"]), st)
+        job = handle.job_id if handle else "(not submitted)"
+        print(f"backend  {st['backend']}  job {job}  host {st.get('host') or '-'}  pid {st.get('pid') or '-'}")
+        print(f"job log  {(handle.log if handle else None) or '-'}")
     quiet = silence(info["state"], st.get("heartbeat"))
     if quiet is not None:
-        alive = RunFolder(info["run_dir"]).worker_alive()
+        alive = False if remote else RunFolder(info["run_dir"]).worker_alive()
         why = "its process is alive, so it may be stuck" if alive else "its process is gone"
+        if remote:
+            why = f"ask {st['backend']} about its job (above)"
         print(f"warning  no heartbeat for {quiet / 60:.0f} min: {why}")
     if st.get("error"):
         print(f"error    {st['error']}")

@@ -124,6 +124,7 @@ def enqueue(
     gpus: int = 1,
     actor=None,
     priority: str | None = None,
+    backend: str | None = None,
 ) -> str:
     """Put a job at the end of the queue and return its run id at once; the scheduler starts it.
 
@@ -134,7 +135,8 @@ def enqueue(
     queue_order). The folder is built under a hidden name and renamed into place, so nobody ever
     sees a run without its config. `gpus` is how many GPUs the job needs (a CPU-only host runs it alone).
     `priority` (high, normal, low) is kept in status.json; without one, the home's `[scheduler]
-    default_priority` (settings.toml) applies.
+    default_priority` (settings.toml) applies. `backend` (local, ray, slurm) is where it runs; without one,
+    the home's `launcher` at the time it starts.
     """
     if kind not in KINDS:
         raise JobError(f"kind: {kind!r} is not a job kind; allowed: {', '.join(KINDS)}")
@@ -143,6 +145,10 @@ def enqueue(
     if not isinstance(gpus, int) or gpus < 1:
         raise JobError(f"gpus: {gpus!r} must be a whole number of at least 1")
     priority = check_priority(priority) if priority is not None else settings.home_settings().scheduler.default_priority
+    if backend is not None:
+        from zimage.jobs.backends import check_backend
+
+        backend = check_backend(backend)
     from zimage.auth import auth_mode, checked, default_actor
     from zimage.jobs.users import check_user_name, os_user
 
@@ -158,12 +164,14 @@ def enqueue(
 
         verb, owner = "edit", on_dataset_name(settings, config["dataset"])[2]
     with checked(settings, who, f"{kind}.launch", "run:(new)", owner=owner, verb=verb) as note:
-        run_id = _enqueue(settings, kind, config, user, name, gpus, priority)
+        run_id = _enqueue(settings, kind, config, user, name, gpus, priority, backend)
         note.update(detail=f"queued {name or run_id}", folder=settings.runs_dir / run_id, target=f"run:{run_id}")
     return run_id
 
 
-def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str | None, gpus: int, priority: str) -> str:
+def _enqueue(
+    settings: Settings, kind: str, config: dict, user: str, name: str | None, gpus: int, priority: str, backend: str | None
+) -> str:
     try:
         json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -189,6 +197,7 @@ def _enqueue(settings: Settings, kind: str, config: dict, user: str, name: str |
                 queue_order=_next_order(settings),
                 gpus=gpus,
                 priority=priority,
+                **({"backend": backend} if backend else {}),
                 host=socket.gethostname(),
                 step=0,
             )

@@ -217,7 +217,8 @@ def config_diff(reg: Registry, run_ids: Sequence[str], all_keys: bool = False) -
 
 def queue(reg: Registry) -> pd.DataFrame:
     """Queued jobs in the order they will start (position 1 starts next: priority, then queue order), then the
-    ones running now; `priority` and `waiting` (why a queued job has not started) come from status.json."""
+    ones running now; `priority`, `waiting` (why a queued job has not started), `backend` (where it runs: unset
+    for a queued job that follows the home's launcher) and `backend_job_id` come from status.json."""
     active = ", ".join(f"'{s}'" for s in ACTIVE_STATES)
     rank = "CASE json_extract_string(status, '$.priority') WHEN 'high' THEN 0 WHEN 'low' THEN 2 ELSE 1 END"
     return reg.fetch_df(
@@ -225,7 +226,9 @@ def queue(reg: Registry) -> pd.DataFrame:
                        PARTITION BY state = 'queued' ORDER BY {rank}, queue_order, run_id) END AS position,
                    run_id, kind, name, user_name AS user, state, gpus, gpu_ids, created, started, step, total_steps,
                    coalesce(json_extract_string(status, '$.priority'), 'normal') AS priority,
-                   CASE WHEN state = 'queued' THEN json_extract_string(status, '$.waiting') END AS waiting
+                   CASE WHEN state = 'queued' THEN json_extract_string(status, '$.waiting') END AS waiting,
+                   json_extract_string(status, '$.backend') AS backend,
+                   json_extract_string(status, '$.backend_job_id') AS backend_job_id
             FROM runs WHERE state = 'queued' OR state IN ({active})
             ORDER BY state <> 'queued', {rank}, queue_order, run_id"""
     )

@@ -62,9 +62,10 @@ def recent_loras(settings: Settings, limit: int = 10) -> list[dict]:
     ]
 
 
-def queue_rows(df: pd.DataFrame) -> list[dict]:
-    """registry.queue rows: position (queued only), run, kind, user, state, priority, and why a queued job
-    waits ("waiting for a GPU", "user limit 2 reached", "behind 3 jobs"; the scheduler's words)."""
+def queue_rows(df: pd.DataFrame, launcher: str = "local") -> list[dict]:
+    """registry.queue rows: position (queued only), run, kind, user, state, priority, where it runs (the
+    backend, with its job id; `launcher` for a queued job that names none), and why a queued job waits
+    ("waiting for a GPU", "user limit 2 reached", "behind 3 jobs"; the scheduler's words)."""
     return [
         {
             "position": "" if pd.isna(r.position) else str(int(r.position)),  # text: running jobs have none
@@ -74,10 +75,24 @@ def queue_rows(df: pd.DataFrame) -> list[dict]:
             "user": r.user,
             "state": r.state,
             "priority": _text(getattr(r, "priority", None)) or "normal",
+            "on": _where(r, launcher),
             "waiting": _text(getattr(r, "waiting", None)) if r.state == "queued" else "",
         }
         for r in df.itertuples(index=False)
     ]
+
+
+def _where(r, launcher: str) -> str:
+    backend = _text(getattr(r, "backend", None)) or (launcher if r.state == "queued" else "local")
+    job = _text(getattr(r, "backend_job_id", None))
+    return f"{backend} (job {job})" if job and backend != "local" and r.state != "queued" else backend
+
+
+def launcher_line(name: str, health) -> tuple[bool, str]:
+    """(ok, text) for the launcher line above the queue: the backend and its health, with the error."""
+    if health.ok:
+        return True, f"Launcher: **{name}** · {health.summary}"
+    return False, f"Launcher **{name}** cannot be used now: {health.summary}. Queued jobs for it wait."
 
 
 def active_progress(df: pd.DataFrame) -> list[tuple[str, float, str]]:

@@ -21,6 +21,7 @@ control.json on the shared filesystem whatever runs the worker.
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,24 +179,39 @@ def get_backend(settings: Settings, name: str, slots=None) -> Backend:
 
 
 _health: dict[tuple, tuple[float, Health]] = {}
+_checking: dict[tuple, threading.Thread] = {}
+_health_lock = threading.Lock()
 HEALTH_TTL_S = 10.0
 
 
-def health(settings: Settings, name: str | None = None) -> tuple[str, Health]:
-    """(backend name, its health) for the home's launcher or `name`, asked at most every HEALTH_TTL_S."""
-    try:
-        name = name or settings.home_settings().launcher
-    except UserError as exc:
-        return "?", Health(False, str(exc))
-    key = (settings.home, name)
-    cached = _health.get(key)
-    if cached is not None and time.monotonic() - cached[0] < HEALTH_TTL_S:
-        return name, cached[1]
+def _ask(settings: Settings, name: str, key: tuple) -> None:
     try:
         result = get_backend(settings, name).health()
     except UserError as exc:
         result = Health(False, str(exc))
     except Exception as exc:  # a backend library's own error: say it, never a traceback on a page
         result = Health(False, f"{type(exc).__name__}: {exc}")
-    _health[key] = (time.monotonic(), result)
-    return name, result
+    with _health_lock:
+        _health[key] = (time.monotonic(), result)
+        _checking.pop(key, None)
+
+
+def health(settings: Settings, name: str | None = None, wait: float = 3.0) -> tuple[str, Health]:
+    """(backend name, its health) for the home's launcher or `name`, asked at most every HEALTH_TTL_S, in a
+    thread: a page waits up to `wait` s for the first answer, never for a cluster that does not answer."""
+    try:
+        name = name or settings.home_settings().launcher
+    except UserError as exc:
+        return "?", Health(False, str(exc))
+    key = (settings.home, name)
+    with _health_lock:
+        known = _health.get(key)
+        thread = _checking.get(key)
+        if (known is None or time.monotonic() - known[0] >= HEALTH_TTL_S) and thread is None:
+            thread = _checking[key] = threading.Thread(target=_ask, args=(settings, name, key), daemon=True,
+                                                       name=f"zimage-health-{name}")  # fmt: skip
+            thread.start()
+    if known is None and thread is not None:
+        thread.join(wait)
+        known = _health.get(key)
+    return name, known[1] if known is not None else Health(False, f"{name}: no answer yet (asked {wait:g} s ago)")
