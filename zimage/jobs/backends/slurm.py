@@ -13,6 +13,7 @@ trying the backend, and for the tests.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import shutil
@@ -89,12 +90,21 @@ def job_command(settings: Settings, spec: JobSpec, python: str | None) -> list[s
     return ["sh", "-c", 'log=$1; shift; exec "$@" >>"$log" 2>&1', "zimage-worker", str(log), "env", *env, *worker]
 
 
+_JOBS: dict[str, object] = {}
+
+
+@atexit.register
+def _forget_jobs() -> None:
+    """Drop the job objects before the interpreter tears down (their __del__ then meets a half-gone module)."""
+    _JOBS.clear()
+
+
 class SlurmBackend(Backend):
     name = "slurm"
 
     def __init__(self, settings: Settings, section: SlurmSettings):
         self.settings, self.section = settings, section
-        self._jobs: dict[str, object] = {}  # job id -> submitit Job (the local executor's process lives there)
+        self._jobs = _JOBS  # job id -> submitit Job (the local executor's process lives there)
 
     def _executor(self, folder: Path):
         import submitit
@@ -140,17 +150,20 @@ class SlurmBackend(Backend):
             alive = launcher.process_alive(int(handle.job_id), None) if handle.job_id.isdigit() else False
             return slurm_state("RUNNING" if alive else "INTERRUPTED")
         try:
-            return slurm_state(job.state)
+            poll = slurm_state(job.state)
         except Exception as exc:  # sacct could not be asked
             return Poll("unknown", f"Slurm: {' '.join(str(exc).split())[:300]}")
+        if poll.state in ("finished", "failed"):
+            self._jobs.pop(handle.job_id, None)  # ended: nothing more to ask it
+        return poll
 
     def cancel(self, handle: Handle) -> None:
         job = self._job(handle)
         try:
-            if job is not None:
+            if self.section.executor == "local":  # its controller's whole tree: the worker is a grandchild
+                launcher.kill_job(int(handle.job_id), None, grace=5.0)
+            elif job is not None:
                 job.cancel(check=False)
-            elif handle.job_id.isdigit():
-                launcher.kill_job(int(handle.job_id), None)
         except Exception as exc:
             raise BackendError(f"slurm: could not cancel job {handle.job_id}: {exc}") from None
 
