@@ -297,9 +297,9 @@ def _submit(settings: Settings, name: str, pool, folder: RunFolder, spec: JobSpe
     blank = {"backend_job_id": None, "backend_log": None, "backend_address": None}
     # Everything the scheduler writes to status.json comes before the worker can exist (it writes the file
     # from then on); the handle of a submission that returns later goes to launch.json, the scheduler's.
-    folder.update_status(state="starting", backend=name, launched=now, waiting=None, gpu_ids="", pid=None,
-                         pid_start_time=None, error=None, ended=None, **blank,
-                         **(planned.fields() if planned else {}))  # fmt: skip
+    fields = {**blank, **(planned.fields() if planned else {}), "backend": name}
+    folder.update_status(state="starting", launched=now, waiting=None, gpu_ids="", pid=None, pid_start_time=None,
+                         error=None, ended=None, **fields)  # fmt: skip
     try:
         handle = backend.submit(spec)
     except BackendError as exc:

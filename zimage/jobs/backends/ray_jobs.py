@@ -1,6 +1,7 @@
 """The `ray` launcher: Ray Jobs on an existing cluster (`JobSubmissionClient`; the `[ray]` extra).
 
-The entrypoint is the worker's own command line (zimage.jobs.launcher.remote_command); the job asks Ray for
+The entrypoint is the worker's own command line (zimage.jobs.launcher.remote_command), its output appended
+to the run's log.txt as for a local run (Ray's own log of the job keeps the runtime env's lines); it asks Ray for
 its GPUs (`entrypoint_num_gpus`, all on one node; a train job over several runs torchrun there), or, on a
 cluster without GPUs, for `[ray] cpus_per_job` CPUs. Its runtime env carries ZIMAGE_HOME, which must be the
 same shared folder on every node. The submission id is ours (`zimage-<run id>-<ms>`), so it is written to
@@ -82,7 +83,7 @@ class RayBackend(Backend):
                "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
         try:
             client.submit_job(
-                entrypoint=shlex.join(cmd),
+                entrypoint=f"{shlex.join(cmd)} >>{shlex.quote(str(spec.run_dir / 'log.txt'))} 2>&1",  # as local runs
                 submission_id=handle.job_id,
                 runtime_env={"env_vars": env},
                 metadata={"zimage_run": spec.run_id, "user": spec.user or "?"},

@@ -1,0 +1,154 @@
+"""The ray launcher against a real local Ray head (`ray start --head` on free ports, stopped after).
+
+A tiny training run goes through Ray Jobs and completes with its metrics in the registry and its LoRA file
+in place; `ray job stop` from outside ends a running one as `stopped` or `lost` within 30 s; an address
+nobody answers keeps the job queued with the reason, and the Home page's launcher line says so.
+Runs only where the `[ray]` extra is installed (`scripts/install.sh --test` installs it).
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from test_jobs_scheduler import status, wait_for  # the scheduler tests' helpers
+from train_support import fast_config
+
+pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+from zimage.jobs import enqueue  # noqa: E402
+from zimage.jobs.backends import health  # noqa: E402
+from zimage.jobs.backends.ray_jobs import ray_state  # noqa: E402
+from zimage.jobs.scheduler import Scheduler  # noqa: E402
+
+RAY = str(Path(sys.executable).with_name("ray"))
+FAST = {"tick": 0.2, "rescan": 1.0}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_range(size: int = 40) -> tuple[int, int]:
+    """A run of `size` ports that are free now, for Ray's worker processes."""
+    for base in range(41000, 60000, size):
+        try:
+            for port in range(base, base + size):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base, base + size - 1
+        except OSError:
+            continue
+    raise RuntimeError("no free port range for Ray's workers")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node Ray cluster with 2 CPUs and no GPUs; yields its dashboard address."""
+    gcs, dashboard, client, agent = free_ports(4)
+    low, high = free_range()
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    cmd = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+           f"--min-worker-port={low}", f"--max-worker-port={high}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+           "--num-gpus=0", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture()
+def on_ray(zhome_demo_shared_cache, ray_head):
+    home = zhome_demo_shared_cache
+    home.settings_path.write_text(f'launcher = "ray"\n[ray]\naddress = "{ray_head}"\n')
+    sched = Scheduler(home, **FAST).start()
+    assert sched.ready.wait(15) and sched.scanned.wait(15), sched.status()
+    yield home, sched
+    sched.stop()
+
+
+def test_a_tiny_training_run_completes_through_ray_jobs(on_ray, ray_head):
+    home, sched = on_ray
+    name, state = health(home)
+    assert name == "ray" and state.ok, state.summary
+    assert f"at {ray_head}: 1 node(s), 0 GPU(s), 2 CPU(s)" in state.summary
+
+    run_id = enqueue(home, "train", fast_config(num_steps=4, output_name="via_ray"), user="ann")
+    st = wait_for(lambda: (s := status(home, run_id)).get("state") in ("completed", "failed", "lost") and s, 180,
+                  "the run to end")  # fmt: skip
+    assert st["state"] == "completed", st.get("error")
+    assert st["backend"] == "ray" and st["backend_job_id"].startswith(f"zimage-{run_id}-")
+    assert st["backend_log"] == f"ray job logs {st['backend_job_id']} --address {ray_head}"
+    assert Path(st["output_path"]).is_file() and Path(st["output_path"]).name == "via_ray.safetensors"
+    wait_for(lambda: sched.registry.fetch("SELECT count(*) FROM metrics WHERE run_id = ?", [run_id]) == [(4,)], 20,
+             "the metrics ingested")  # fmt: skip
+    log = (home.runs_dir / run_id / "log.txt").read_text()
+    assert f"submitted to ray as job {st['backend_job_id']}" in log and "Run completed at step 4" in log
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    wait_for(lambda: str(client.get_job_status(st["backend_job_id"])) == "SUCCEEDED", 30, "Ray's job to succeed")
+    assert client.get_job_info(st["backend_job_id"]).metadata["zimage_run"] == run_id
+
+
+def test_ray_job_stop_from_outside_ends_the_run_within_30_s(on_ray, ray_head):
+    home, _sched = on_ray
+    run_id = enqueue(home, "train", fast_config(num_steps=100000, output_name="stopped_by_ray"), user="ann")
+    wait_for(lambda: status(home, run_id).get("state") == "running" and (status(home, run_id).get("step") or 0) > 0,
+             180, "the run training")  # fmt: skip
+    job_id = status(home, run_id)["backend_job_id"]
+    stopped = subprocess.run([RAY, "job", "stop", job_id, "--address", ray_head, "--no-wait"], capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    t0 = time.monotonic()
+    st = wait_for(lambda: (s := status(home, run_id)).get("state") in ("stopped", "lost") and s, 30, "stopped or lost")
+    assert time.monotonic() - t0 < 30
+    assert st["step"] > 0 and st["backend_job_id"] == job_id
+    if st["state"] == "lost":
+        assert f"the ray job {job_id} ended (Ray: STOPPED" in st["error"]
+
+
+def test_an_unreachable_cluster_keeps_the_job_queued_with_the_reason(zhome):
+    (port,) = free_ports(1)  # nobody listens there
+    zhome.settings_path.write_text(f'launcher = "ray"\n[ray]\naddress = "http://127.0.0.1:{port}"\n')
+    sched = Scheduler(zhome, **FAST).start()
+    try:
+        assert sched.ready.wait(15)
+        run_id = enqueue(zhome, "train", {"output_name": "x"}, user="ann")
+        why = wait_for(lambda: status(zhome, run_id).get("waiting"), 30, "the reason")
+        assert why.startswith(f"cannot start: ray: cannot reach the cluster at http://127.0.0.1:{port}")
+        assert status(zhome, run_id)["state"] == "queued"
+        name, state = health(zhome)
+        assert name == "ray" and not state.ok and f"http://127.0.0.1:{port}" in state.summary
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize(
+    ("ray", "state"),
+    [("PENDING", "running"), ("RUNNING", "running"), ("SUCCEEDED", "finished"), ("FAILED", "failed"),
+     ("STOPPED", "failed"), ("SOMETHING_NEW", "unknown")],
+)  # fmt: skip
+def test_ray_job_statuses_map_to_run_states(ray, state):
+    assert ray_state(ray, "a message").state == state
+    assert ray_state(ray, "a message").detail == f"Ray: {ray} (a message)"
