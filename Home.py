@@ -48,12 +48,12 @@ for col, (label, size) in zip(st.columns(5), home.disk_rows(disk_usage(settings)
 @st.fragment(run_every=3)
 def live() -> None:
     """Queue and active runs, refreshed without rerunning the page."""
+    st.subheader("Queue")
+    name, health = backend_health(settings)  # where queued jobs go, and whether it answers (cached, bounded)
+    ok, text = home.launcher_line(name, health)
+    (st.caption if ok else st.warning)(text)
     with shown_errors(st.warning):
         reg = open_registry(settings)
-        st.subheader("Queue")
-        name, health = backend_health(settings)
-        ok, text = home.launcher_line(name, health)
-        (st.caption if ok else st.warning)(text)
         waiting = registry.queue(reg)
         if waiting.empty:
             st.caption("Nothing queued or running.")

@@ -16,18 +16,21 @@ import time
 from pathlib import Path
 
 import pytest
+import support_worker
+from streamlit.testing.v1 import AppTest
 from test_jobs_scheduler import status, wait_for  # the scheduler tests' helpers
 from train_support import fast_config
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-from zimage.jobs import enqueue  # noqa: E402
+from zimage.jobs import enqueue, ensure_scheduler  # noqa: E402
 from zimage.jobs.backends import health  # noqa: E402
 from zimage.jobs.backends.ray_jobs import ray_state  # noqa: E402
 from zimage.jobs.scheduler import Scheduler  # noqa: E402
 
 RAY = str(Path(sys.executable).with_name("ray"))
+ROOT = Path(__file__).resolve().parents[1]
 FAST = {"tick": 0.2, "rescan": 1.0}
 
 
@@ -131,7 +134,7 @@ def test_ray_job_stop_from_outside_ends_the_run_within_30_s(on_ray, ray_head):
 def test_an_unreachable_cluster_keeps_the_job_queued_with_the_reason(zhome):
     (port,) = free_ports(1)  # nobody listens there
     zhome.settings_path.write_text(f'launcher = "ray"\n[ray]\naddress = "http://127.0.0.1:{port}"\n')
-    sched = Scheduler(zhome, **FAST).start()
+    sched = ensure_scheduler(zhome, **FAST)  # the one the Home page below uses too
     try:
         assert sched.ready.wait(15)
         run_id = enqueue(zhome, "train", {"output_name": "x"}, user="ann")
@@ -140,8 +143,42 @@ def test_an_unreachable_cluster_keeps_the_job_queued_with_the_reason(zhome):
         assert status(zhome, run_id)["state"] == "queued"
         name, state = health(zhome)
         assert name == "ray" and not state.ok and f"http://127.0.0.1:{port}" in state.summary
+
+        at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()  # the app's own view of it
+        assert not at.exception
+        assert any(w.value.startswith(f"Launcher **ray** cannot be used now: ray: cannot reach the cluster at "
+                                      f"http://127.0.0.1:{port}") for w in at.warning), [w.value for w in at.warning]  # fmt: skip
+        queue = next(df.value for df in at.dataframe if "waiting" in df.value.columns)
+        row = queue[queue["run"] == run_id].iloc[0]
+        assert row["on"] == "ray" and row["waiting"].startswith("cannot start: ray: cannot reach the cluster")
     finally:
         sched.stop()
+
+
+def test_a_cluster_that_never_answers_costs_a_bounded_wait_not_the_scheduler(zhome, monkeypatch):
+    from zimage.jobs.backends import ray_jobs
+
+    support_worker.install(monkeypatch)
+    monkeypatch.setattr(ray_jobs, "TIMEOUT_S", 1.0)
+    silent = socket.socket()  # accepts connections (the backlog) and never answers a request
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    port = silent.getsockname()[1]
+    zhome.settings_path.write_text(f'launcher = "ray"\n[ray]\naddress = "http://127.0.0.1:{port}"\n')
+    sched = Scheduler(zhome, **FAST).start()
+    try:
+        assert sched.ready.wait(15)
+        run_id = enqueue(zhome, "train", {"output_name": "x"}, user="ann")
+        why = wait_for(lambda: status(zhome, run_id).get("waiting"), 30, "the reason")
+        assert why == f"cannot start: ray: cannot reach the cluster at http://127.0.0.1:{port}: ray: " \
+                      f"http://127.0.0.1:{port}: no answer within 1 s"
+        # Meanwhile the local line goes on: the scheduler's tick is not stuck on the silent cluster.
+        here = enqueue(zhome, support_worker.KIND, {"steps": 3, "interval": 0.05}, user="bob", backend="local")
+        wait_for(lambda: status(zhome, here).get("state") == "completed", 30, "the local job done")
+        assert status(zhome, run_id)["state"] == "queued"
+    finally:
+        sched.stop()
+        silent.close()
 
 
 @pytest.mark.parametrize(

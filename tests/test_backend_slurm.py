@@ -9,24 +9,26 @@ import argparse
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import support_worker
+from streamlit.testing.v1 import AppTest
 from test_jobs_scheduler import status, wait_for  # the scheduler tests' helpers
 
 pytest.importorskip("submitit")
 
 from zimage.cli.runs import run_show  # noqa: E402
 from zimage.fsio import read_json  # noqa: E402
-from zimage.jobs import control, enqueue  # noqa: E402
+from zimage.jobs import control, enqueue, ensure_scheduler  # noqa: E402
 from zimage.jobs.backends import BackendError, JobSpec, check_backend  # noqa: E402
 from zimage.jobs.backends.slurm import job_command, sbatch_parameters, sbatch_script, slurm_state  # noqa: E402
-from zimage.jobs.scheduler import Scheduler  # noqa: E402
 from zimage.runfolder import ACTIVE_STATES, RunFolder  # noqa: E402
 from zimage.settings import SlurmSettings  # noqa: E402
 
 FAST = {"tick": 0.1, "rescan": 1.0}
+ROOT = Path(__file__).resolve().parents[1]
 LONG = {"steps": 100000, "interval": 0.05}  # runs until it is stopped
 
 
@@ -38,12 +40,12 @@ def cluster(zhome, monkeypatch):
     support_worker.install(monkeypatch)
     started = []
 
-    def _start(launcher="slurm", max_jobs=3, user_limit=0, scheduler="", slurm="") -> Scheduler:
+    def _start(launcher="slurm", max_jobs=3, user_limit=0, scheduler="", slurm=""):
         zhome.settings_path.write_text(
             f'launcher = "{launcher}"\n[scheduler]\nuser_limit = {user_limit}\n{scheduler}\n'
             f'[slurm]\nexecutor = "local"\nmax_jobs = {max_jobs}\ngpus_per_node = 0\n{slurm}\n'
         )
-        sched = Scheduler(zhome, **FAST).start()
+        sched = ensure_scheduler(zhome, **FAST)  # the one a page in the test uses too
         assert sched.ready.wait(15) and sched.scanned.wait(15), sched.status()
         started.append(sched)
         return sched
@@ -79,13 +81,24 @@ def test_user_limit_over_slurm_slots_two_of_three_start_the_third_says_why(zhome
     assert st["backend"] == "slurm" and launch["backend"] == "slurm"
     # The worker recorded the job it runs in (submitit's local job id), the same one the scheduler got back.
     assert st["backend_job_id"] == launch["backend_job_id"] and st["backend_job_id"].isdigit()
-    assert st["backend_log"] == launch["backend_log"] == str(zhome.runs_dir / first / "slurm" / f"{st['backend_job_id']}_0_log.out")
+    assert (
+        st["backend_log"]
+        == launch["backend_log"]
+        == str(zhome.runs_dir / first / "slurm" / f"{st['backend_job_id']}_0_log.out")
+    )
     log = (zhome.runs_dir / first / "log.txt").read_text()
     assert f"submitted to slurm as job {st['backend_job_id']}" in log
 
     run_show(argparse.Namespace(run_id=first, json=False))
     out = capsys.readouterr().out
     assert f"backend  slurm  job {st['backend_job_id']}" in out and f"job log  {st['backend_log']}" in out
+
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()
+    assert not at.exception
+    assert "Launcher: **slurm** · submitit's local executor on this host (max 3 jobs)" in [c.value for c in at.caption]
+    queue = next(df.value for df in at.dataframe if "waiting" in df.value.columns)
+    on = dict(zip(queue["run"], queue["on"], strict=True))
+    assert on[first] == f"slurm (job {st['backend_job_id']})" and on[third] == "slurm"
 
     control(zhome, first, "stop")  # through control.json, as for a local run
     wait_for(lambda: status(zhome, first).get("state") == "stopped", 30, "the first run stopped")

@@ -74,3 +74,19 @@ def test_home_shows_machine_queue_active_runs_and_recent_loras(zhome_demo):
     assert bar.proto.text == "dogs (train, bob) · step 30 / 120 (25%) · running · ETA 1 min 35 s"
     loras = next(f for f in frames if "LoRA" in f.columns)
     assert list(loras["LoRA"]) == ["older"] and loras.iloc[0]["size"] == "2.0 KB"
+
+
+def test_home_names_the_launcher_and_its_health(zhome, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("ZIMAGE_GPUS", "none")
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()
+    assert not at.exception
+    line = f"Launcher: **local** · this host ({socket.gethostname()}): CPU only: one job at a time"
+    assert line in [c.value for c in at.caption]
+    zhome.settings_path.write_text('launcher = "ray"\n[ray]\n')  # no address, and none in the environment
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()
+    assert not at.exception
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("Launcher **ray** cannot be used now: ") for w in warnings), warnings

@@ -126,6 +126,28 @@ class Backend:
         raise NotImplementedError
 
 
+def bounded(what: str, limit: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a daemon thread, waited for at most `limit` s: a cluster that does not answer
+    (a black-holed address, a hung slurmctld) costs the scheduler's tick that long, never the tick itself.
+    Raises BackendError naming `what` on a timeout; the call's own exception otherwise."""
+    box: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=call, name=f"zimage-{what.split(':')[0]}", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        raise BackendError(f"{what}: no answer within {limit:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 def check_backend(name: Any, field_name: str = "backend") -> str:
     """A backend name as given (CLI, settings); a clear error naming the field, or the missing extra."""
     if name not in BACKENDS:

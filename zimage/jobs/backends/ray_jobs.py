@@ -19,12 +19,13 @@ import threading
 import time
 
 from zimage.jobs import launcher
-from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll
+from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll, bounded
 from zimage.settings import RaySettings, Settings
 
 _STATES = {"PENDING": "running", "RUNNING": "running", "SUCCEEDED": "finished", "FAILED": "failed",
            "STOPPED": "failed"}  # fmt: skip
 CAPACITY_TTL_S = 5.0
+TIMEOUT_S = 10.0  # the most one request to the cluster may take (Ray's client itself has no timeout)
 
 
 def ray_state(status: str, message: str = "") -> Poll:
@@ -62,7 +63,9 @@ class RayBackend(Backend):
 
                 address = self.address
                 try:
-                    self._client = JobSubmissionClient(address)
+                    self._client = bounded(f"ray: {address}", TIMEOUT_S, JobSubmissionClient, address)
+                except BackendError as exc:
+                    raise BackendError(f"ray: cannot reach the cluster at {address}: {exc}") from None
                 except Exception as exc:  # ConnectionError, a wrong scheme, a version mismatch
                     raise BackendError(f"ray: cannot reach the cluster at {address}: {_short(exc)}") from None
             return self._client
@@ -82,7 +85,10 @@ class RayBackend(Backend):
         env = {"ZIMAGE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
                "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
         try:
-            client.submit_job(
+            bounded(
+                f"ray: submitting to {handle.address}",
+                TIMEOUT_S,
+                client.submit_job,
                 entrypoint=f"{shlex.join(cmd)} >>{shlex.quote(str(spec.run_dir / 'log.txt'))} 2>&1",  # as local runs
                 submission_id=handle.job_id,
                 runtime_env={"env_vars": env},
@@ -104,7 +110,7 @@ class RayBackend(Backend):
 
     def poll(self, handle: Handle) -> Poll:
         try:
-            info = self.client().get_job_info(handle.job_id)
+            info = bounded(f"ray: asking {self.address}", TIMEOUT_S, self.client().get_job_info, handle.job_id)
         except BackendError as exc:
             return Poll("unknown", str(exc))
         except Exception as exc:  # 404: the cluster does not know it (restarted?); or the request failed
@@ -114,7 +120,7 @@ class RayBackend(Backend):
 
     def cancel(self, handle: Handle) -> None:
         try:
-            self.client().stop_job(handle.job_id)
+            bounded(f"ray: stopping at {self.address}", TIMEOUT_S, self.client().stop_job, handle.job_id)
         except BackendError:
             raise
         except Exception as exc:
@@ -125,7 +131,8 @@ class RayBackend(Backend):
 
         client = self.client()
         try:
-            nodes = list_nodes(address=client.get_address(), detail=True, raise_on_missing_output=False)
+            nodes = bounded(f"ray: {self.address}", TIMEOUT_S + 1, list_nodes, address=client.get_address(),
+                            detail=True, raise_on_missing_output=False, timeout=int(TIMEOUT_S))  # fmt: skip
         except Exception as exc:
             self._forget_client()
             raise BackendError(f"ray: cannot list the nodes of {self.address}: {_short(exc)}") from None

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from zimage.jobs import launcher
-from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll
+from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll, bounded
 from zimage.settings import Settings, SlurmSettings
 
 # sacct's job states (and the local executor's) -> the interface's; anything else is "unknown"
@@ -91,6 +91,7 @@ def job_command(settings: Settings, spec: JobSpec, python: str | None) -> list[s
 
 
 _JOBS: dict[str, object] = {}
+SBATCH_TIMEOUT_S = 60.0  # the most sbatch or sacct may take before the scheduler moves on
 
 
 @atexit.register
@@ -129,7 +130,9 @@ class SlurmBackend(Backend):
             executor.update_parameters(**sbatch_parameters(self.section, spec))
         command = CommandFunction(job_command(self.settings, spec, self.section.python), verbose=False)
         try:
-            job = executor.submit(command)
+            job = bounded("slurm: sbatch", SBATCH_TIMEOUT_S, executor.submit, command)
+        except BackendError:
+            raise
         except Exception as exc:  # sbatch refused it (partition, account, limits), or could not run
             raise BackendError(f"slurm: the job was not submitted: {' '.join(str(exc).split())[:400]}") from None
         self._jobs[str(job.job_id)] = job
@@ -150,7 +153,7 @@ class SlurmBackend(Backend):
             alive = launcher.process_alive(int(handle.job_id), None) if handle.job_id.isdigit() else False
             return slurm_state("RUNNING" if alive else "INTERRUPTED")
         try:
-            poll = slurm_state(job.state)
+            poll = slurm_state(bounded("slurm: sacct", SBATCH_TIMEOUT_S, getattr, job, "state"))
         except Exception as exc:  # sacct could not be asked
             return Poll("unknown", f"Slurm: {' '.join(str(exc).split())[:300]}")
         if poll.state in ("finished", "failed"):
