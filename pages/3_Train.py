@@ -62,7 +62,7 @@ def launch() -> str:
     user = current_user(login, ss.get("user_name"))
     run_id, position, following = lv.launch_run(settings, tf.read_values(ss), user, busy, actor=actor,
                                                  gpus=int(ss.get("tr_gpus") or 1),
-                                                 priority=ss.get("tr_priority"))  # fmt: skip
+                                                 priority=ss.get("tr_priority"), backend=ss.get("tr_backend"))  # fmt: skip
     ss[tf.KEY + "output_name"], ss["tr_launched"] = following, run_id
     return lv.position_text(run_id, position)
 
@@ -159,6 +159,9 @@ with side:
     prio = lv.default_priority(settings)
     st.selectbox("Priority", lv.PRIORITIES, index=lv.PRIORITIES.index(prio), key="tr_priority",
                  help="Queued high jobs start before normal ones, normal before low")  # fmt: skip
+    if len(offered := lv.backends_offered(settings)) > 1:  # a cluster launcher is set up for this home
+        st.selectbox("Run on", offered, key="tr_backend", help="Where the job runs: this host (local), or the "
+                     "cluster launcher in settings.toml; the queue, priorities and limits are the studio's")  # fmt: skip
     st.button("Launch", type="primary", key="tr_launch", disabled=bool(problems), on_click=act, args=(launch,))
     with st.expander("Save as preset"):
         st.text_input("Preset name", key="tr_preset_name", persist_state="session")

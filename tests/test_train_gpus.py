@@ -43,3 +43,20 @@ def test_two_gpu_host_queues_a_job_on_two_gpus(zhome_demo):
     (run,) = [RunFolder(p) for p in zhome_demo.runs_dir.iterdir() if not p.name.startswith(".")]
     status = run.read_status()
     assert (status["state"], status["gpus"]) == ("queued", 2)
+
+
+def test_a_configured_cluster_launcher_is_offered_and_the_job_keeps_the_choice(zhome_demo):
+    pytest.importorskip("submitit")
+    at = AppTest.from_file(PAGE, default_timeout=90).run()
+    assert "tr_backend" not in [w.key for w in at.selectbox]  # only this host: nothing to choose
+    (zhome_demo.home / "settings.toml").write_text('[slurm]\nexecutor = "local"\npartition = "gpu"\n')
+    at = AppTest.from_file(PAGE, default_timeout=90).run()
+    assert not at.exception
+    field = at.selectbox(key="tr_backend")
+    assert (field.options, field.value) == (["local", "slurm"], "local")  # the home's launcher first
+    field.set_value("slurm").run()
+    at.sidebar.text_input(key="user_name").input("alice")
+    at.button(key="tr_launch").click().run()
+    assert not at.exception
+    (run,) = [RunFolder(p) for p in zhome_demo.runs_dir.iterdir() if not p.name.startswith(".")]
+    assert (run.read_status()["state"], run.read_status()["backend"]) == ("queued", "slurm")

@@ -44,10 +44,12 @@ def launch_run(
     actor=None,
     gpus: int = 1,
     priority: str | None = None,
+    backend: str | None = None,
 ) -> tuple[str, int | None, str]:
     """Check the form and queue the run: (run id, queue position, a free output name for the next run).
     `gpus` > 1 trains data parallel, one torchrun rank per GPU (gpus_offered says how many this host has);
-    `priority` is high, normal or low (None: the home's default)."""
+    `priority` is high, normal or low (None: the home's default); `backend` is where it runs (None, or the
+    home's launcher: it follows the home's launcher)."""
     problems, _resolved = tf.check(values, settings, busy)
     if problems:
         n = sum(len(v) for v in problems.values())
@@ -56,7 +58,7 @@ def launch_run(
         raise NotLaunched("Your name: type it in the sidebar first, so the team knows whose run this is.")
     config = tf.config_from_values(values)
     run_id = jobs.enqueue(settings, "train", config.to_dict(), user=user, name=config.output_name, actor=actor,
-                          gpus=gpus, priority=priority)  # fmt: skip
+                          gpus=gpus, priority=priority, backend=backend if backend != launcher_of(settings) else None)  # fmt: skip
     refresh_run(settings, run_id)  # the registry (Runs page, busy names) knows it at once
     following = tf.free_output_name(settings, config.output_name, taken=[*busy, config.output_name])
     return run_id, queue_position(settings, run_id), following
@@ -71,6 +73,34 @@ def gpus_offered(settings: Settings) -> int:
         return max(1, len(slot_config(home=settings.home_settings().scheduler).gpu_ids))
     except UserError:  # a bad ZIMAGE_GPUS / settings.toml: the scheduler reports it; one GPU here
         return 1
+
+
+def launcher_of(settings: Settings) -> str:
+    """The home's launcher (settings.toml `launcher`); local when the file is bad (the scheduler reports it)."""
+    try:
+        return settings.home_settings().launcher
+    except UserError:
+        return "local"
+
+
+def backends_offered(settings: Settings) -> list[str]:
+    """Where the Train page lets a run go: local, and each cluster launcher whose extra is installed and that
+    the home uses or configures (its settings.toml section). The home's launcher comes first."""
+    from zimage.jobs.backends import BACKENDS, check_backend
+
+    try:
+        home = settings.home_settings()
+    except UserError:
+        return ["local"]
+    offered = []
+    for name in BACKENDS:
+        configured = name == "local" or name == home.launcher or bool(getattr(home, name).model_fields_set)
+        try:
+            if configured and check_backend(name):
+                offered.append(name)
+        except UserError:
+            continue
+    return sorted(offered, key=lambda n: n != home.launcher)
 
 
 def default_priority(settings: Settings) -> str:
