@@ -22,6 +22,9 @@ def run(args) -> int:
     exists = settings.settings_path.is_file()
     print(f"settings  {settings.settings_path} ({'read' if exists else 'absent: defaults'})")
     for section, values in home_settings.model_dump().items():
+        if not isinstance(values, dict):  # a top-level key (launcher)
+            print(f"          {section} = {values!r}")
+            continue
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         print(f"          [{section}] {shown}")
     versions = []

@@ -110,11 +110,11 @@ def run_show(args) -> int:
     damaged = [r for r in damaged_runs(settings) if r["state"] in ("damaged", "queued")]  # what may not start
     owner = OwnerLock(settings).owner()
     hint = "" if owner else " (queued jobs wait: start the app or `zimage worker`)"
-    print(f"scheduler: {describe_owner(owner)}{hint}")
     from zimage.jobs.backends import health
 
     name, state = health(settings)
-    print(f"launcher: {name} ({'ok' if state.ok else 'NOT REACHABLE'}): {state.summary}")
+    print(f"scheduler: {describe_owner(owner)}{hint}; launcher: {name} "
+          f"({'ok' if state.ok else 'cannot be used'}: {state.summary})")  # fmt: skip
     print(f"{'POS':<4} {'RUN':<44} {'KIND':<9} {'USER':<12} {'STATE':<10} {'PRIORITY':<8} {'ON':<6} {'GPUS':<6} "
           "WAITING/STEP")  # fmt: skip
     for run in active:
