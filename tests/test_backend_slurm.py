@@ -214,3 +214,28 @@ def test_a_bad_backend_name_or_a_missing_extra_is_refused_with_the_field(zhome, 
 
     with pytest.raises(SettingsFileError, match=r"settings.toml: launcher: Input should be 'local', 'ray' or 'slurm'"):
         zhome.home_settings()
+
+
+def test_queue_add_backend_from_the_command_line(zhome, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "caption.json"
+    cfg.write_text(json.dumps({"dataset": "none-yet"}))
+
+    def zimage(*args):
+        return subprocess.run([sys.executable, "-m", "zimage.cli", *args], capture_output=True, text=True,
+                              env=dict(os.environ, ZIMAGE_HOME=str(zhome.home)), timeout=120)  # fmt: skip
+
+    bad = zimage("queue", "add", str(cfg), "--kind", "caption", "--backend", "k8s")
+    assert bad.returncode != 0 and "backend: 'k8s' is not a launcher; allowed: local, ray, slurm" in bad.stderr
+    assert "Traceback" not in bad.stderr and not any(zhome.runs_dir.iterdir())
+    good = zimage("queue", "add", str(cfg), "--kind", "caption", "--backend", "slurm")
+    assert good.returncode == 0, good.stderr
+    run_id = good.stdout.split()[1]
+    assert status(zhome, run_id)["backend"] == "slurm"
+    shown = zimage("queue").stdout
+    assert "launcher: local (ok: this host" in shown.splitlines()[0]
+    row = next(ln.split() for ln in shown.splitlines() if run_id in ln)
+    assert row[:2] == ["1", run_id] and row[6] == "slurm"  # POS RUN KIND USER STATE PRIORITY ON

@@ -58,7 +58,7 @@ class SchedulerSettings(_Section):
     default_priority: Literal["high", "normal", "low"] = "normal"  # a job queued without a priority gets this
     user_limit: int = Field(default=0, ge=0, le=4096)  # runs one user may have active at once; 0: no limit
     # Remote runs (ray, slurm): `lost` when the heartbeat is older than this while the backend says running
-    heartbeat_timeout_s: float = Field(default=120.0, ge=2.0, le=86400.0)
+    heartbeat_timeout_s: float = Field(default=300.0, ge=2.0, le=86400.0)
     stop_grace_s: float = Field(default=60.0, ge=0.0, le=86400.0)  # a stop the worker ignores this long: cancel
 
 

@@ -14,7 +14,9 @@ none (zimage.auth.require); each attempt is an event in events.jsonl, refused on
     rebuild(settings)                      `zimage registry rebuild`, whoever owns the registry now
 
 Workers, slots and the scheduler: launcher.py, slots.py (ZIMAGE_GPUS, ZIMAGE_JOBS_PER_GPU), scheduler.py
-(ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox). A worker's own
+(ZIMAGE_SCHEDULER_LAUNCH=0: ingest only), owner.py (one scheduler per host, inbox). Where a released job
+runs: backends/ (local, ray, slurm; settings.toml `launcher`, a job's own `backend`), and remote.py watches
+the runs on a cluster through their backend. A worker's own
 lifecycle (status, heartbeat, control requests, final state) is zimage.job.
 """
 
