@@ -7,14 +7,17 @@ Runs only where the `[ray]` extra is installed (`scripts/install.sh --test` inst
 """
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
 import pytest
 import support_worker
 from streamlit.testing.v1 import AppTest
@@ -24,7 +27,7 @@ from train_support import fast_config
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-from zimage.jobs import enqueue, ensure_scheduler  # noqa: E402
+from zimage.jobs import control, enqueue, ensure_scheduler  # noqa: E402
 from zimage.jobs.backends import health  # noqa: E402
 from zimage.jobs.backends.ray_jobs import ray_state  # noqa: E402
 from zimage.jobs.scheduler import Scheduler  # noqa: E402
@@ -46,8 +49,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def free_range(size: int = 40) -> tuple[int, int]:
-    """A run of `size` ports that are free now, for Ray's worker processes."""
-    for base in range(41000, 60000, size):
+    """A run of `size` ports that are free now, for Ray's worker processes (a random start: two test processes
+    starting heads at once do not pick the same run)."""
+    first = random.randrange(41000, 59000, size)
+    for base in [*range(first, 60000, size), *range(41000, first, size)]:
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:
@@ -58,9 +63,11 @@ def free_range(size: int = 40) -> tuple[int, int]:
     raise RuntimeError("no free port range for Ray's workers")
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A one-node Ray cluster with 2 CPUs and no GPUs; yields its dashboard address."""
+@contextmanager
+def local_head(gpus: int = 0):
+    """A one-node Ray cluster on free ports with 2 CPUs and `gpus` GPUs (Ray's logical resources: on this
+    CPU machine a job given one is told CUDA_VISIBLE_DEVICES, nothing more); yields its dashboard address.
+    Only its own processes are stopped after (not `ray stop`, which ends every cluster on the machine)."""
     gcs, dashboard, client, agent = free_ports(4)
     low, high = free_range()
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
@@ -68,15 +75,29 @@ def ray_head():
     cmd = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
            f"--min-worker-port={low}", f"--max-worker-port={high}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-           "--num-gpus=0", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
-    started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    address = f"http://127.0.0.1:{dashboard}"
+           f"--num-gpus={gpus}", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
     try:
-        yield address
+        started = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        marks = (temp, f"--port={gcs}", f"--port={dashboard}", f"--port={client}", f":{gcs}")
+        roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+        procs = set(roots)
+        for root in roots:
+            with suppress(psutil.Error):
+                procs.update(root.children(recursive=True))
+        for proc in procs:
+            with suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(list(procs), timeout=10)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with local_head() as address:
+        yield address
 
 
 @pytest.fixture()
@@ -189,3 +210,32 @@ def test_a_cluster_that_never_answers_costs_a_bounded_wait_not_the_scheduler(zho
 def test_ray_job_statuses_map_to_run_states(ray, state):
     assert ray_state(ray, "a message").state == state
     assert ray_state(ray, "a message").detail == f"Ray: {ray} (a message)"
+
+
+def test_on_a_cluster_with_gpus_a_job_asks_ray_for_its_gpus_and_waits_for_one(zhome, monkeypatch):
+    support_worker.install(monkeypatch)
+    long = {"steps": 100000, "interval": 0.05}
+    with local_head(gpus=2) as address:
+        zhome.settings_path.write_text(f'launcher = "ray"\n[ray]\naddress = "{address}"\n')
+        sched, ids = Scheduler(zhome, **FAST).start(), []
+        try:
+            assert sched.ready.wait(15)
+            assert "1 node(s), 2 GPU(s), 2 CPU(s)" in health(zhome)[1].summary
+            big = enqueue(zhome, support_worker.KIND, long, user="ann", gpus=3)
+            st = wait_for(lambda: (s := status(zhome, big)).get("state") == "failed" and s, 30, "the big job refused")
+            assert st["error"] == "needs 3 GPUs on one node; the largest node on Ray has 2"
+            ids += [enqueue(zhome, support_worker.KIND, long, user=u) for u in ("ann", "bob", "cy")]
+            wait_for(lambda: [status(zhome, r).get("state") for r in ids[:2]] == ["running", "running"], 60, "two run")
+            # Ray gave each its own GPU: the worker records the CUDA_VISIBLE_DEVICES it was started with.
+            assert sorted(status(zhome, r)["cuda_visible_devices"] for r in ids[:2]) == ["0", "1"]
+            wait_for(lambda: status(zhome, ids[2]).get("waiting") == "waiting for a GPU on Ray (2 of 2 in use by the "
+                     "studio)", 10, "the third's reason")  # fmt: skip
+            control(zhome, ids[0], "stop")
+            wait_for(lambda: status(zhome, ids[2]).get("state") == "running", 60, "the third running")
+        finally:
+            for run_id in ids:
+                if status(zhome, run_id).get("state") in ("starting", "running"):
+                    control(zhome, run_id, "stop")
+            wait_for(lambda: all(status(zhome, r).get("state") not in ("starting", "running", "stopping") for r in ids),
+                     30, "every job stopped")  # fmt: skip
+            sched.stop()
