@@ -239,3 +239,29 @@ def test_on_a_cluster_with_gpus_a_job_asks_ray_for_its_gpus_and_waits_for_one(zh
             wait_for(lambda: all(status(zhome, r).get("state") not in ("starting", "running", "stopping") for r in ids),
                      30, "every job stopped")  # fmt: skip
             sched.stop()
+
+
+def test_a_job_ray_never_knew_and_no_worker_started_is_lost(zhome):
+    """Submitted (the scheduler hoped) long ago, no worker ever wrote a heartbeat, and the cluster cannot tell:
+    lost after heartbeat_timeout_s, with the job id kept (never submitted a second time)."""
+    from zimage.fsio import write_json
+    from zimage.runfolder import RunFolder
+
+    (port,) = free_ports(1)
+    address = f"http://127.0.0.1:{port}"
+    zhome.settings_path.write_text(f'launcher = "ray"\n[scheduler]\nheartbeat_timeout_s = 2\n[ray]\naddress = "{address}"\n')
+    folder = RunFolder(zhome.runs_dir / "20261203-140000-limbo-0001")
+    folder.path.mkdir(parents=True)
+    folder.write_config({"output_name": "limbo"})
+    job = "zimage-20261203-140000-limbo-0001-1"
+    launched = time.time() - 60
+    folder.update_status(state="starting", kind="train", user="ann", backend="ray", launched=launched,
+                         backend_job_id=job, backend_log=f"ray job logs {job} --address {address}")  # fmt: skip
+    write_json(folder.path / "launch.json", {"backend": "ray", "backend_job_id": job, "launched": launched})
+    sched = Scheduler(zhome, **FAST).start()
+    try:
+        st = wait_for(lambda: (s := folder.read_status()).get("state") == "lost" and s, 30, "the run lost")
+        assert st["error"].startswith(f"the ray job {job} never started and ray cannot tell about it (ray: cannot reach")
+        assert st["backend_job_id"] == job
+    finally:
+        sched.stop()

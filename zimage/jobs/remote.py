@@ -7,7 +7,7 @@ Each tick, the scheduler asks the backend about every active remote run (at most
 - the backend says it runs but the worker's heartbeat is older than `[scheduler] heartbeat_timeout_s` (a
   hung node, a stopped process): the run becomes `lost`, and the job is cancelled through the backend so it
   frees its slot; the same when the backend cannot tell (unreachable, or it forgot the job) and the
-  heartbeat is that old;
+  heartbeat is that old, or when no worker ever started that long after the submission;
 - a stop request (control.json) that the worker has not answered within `[scheduler] stop_grace_s`: the job
   is cancelled through the backend, once.
 Each keeps the run's last step and heartbeat, and puts the backend's job id and log location into
@@ -113,6 +113,11 @@ def _check(settings: Settings, ingester: Ingester, run_id: str, limits: Schedule
         _end(folder, status, handle, "lost", f"the worker's heartbeat is {age:.0f} s old while {name} {says} (a hung "
                                              f"node?); {what} is cancelled (last step {status.get('step')})")  # fmt: skip
         _cancel(folder, backend if poll.state == "running" else None, handle)
+        ingester.ingest_run(run_id)
+        return
+    if not started and poll.state == "unknown" and now - (status.get("launched") or 0.0) > limits.heartbeat_timeout_s:
+        # Submitted (or so we hoped) long ago, no worker ever started, and the backend does not know the job.
+        _end(folder, status, handle, "lost", f"{what} never started and {name} cannot tell about it ({poll.detail})")
         ingester.ingest_run(run_id)
         return
     if stop_at is not None and now - stop_at > limits.stop_grace_s and run_id not in _cancelled:

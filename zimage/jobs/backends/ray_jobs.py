@@ -13,6 +13,7 @@ The address is `[ray] address` (the dashboard's http://HOST:8265), else RAY_ADDR
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import threading
@@ -21,6 +22,8 @@ import time
 from zimage.jobs import launcher
 from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll, bounded
 from zimage.settings import RaySettings, Settings
+
+log = logging.getLogger("zimage.jobs")
 
 _STATES = {"PENDING": "running", "RUNNING": "running", "SUCCEEDED": "finished", "FAILED": "failed",
            "STOPPED": "failed"}  # fmt: skip
@@ -47,6 +50,7 @@ class RayBackend(Backend):
         self._client = None
         self._lock = threading.Lock()
         self._capacity: tuple[float, Capacity] | None = None
+        self._planned: dict[str, Handle] = {}
 
     # -- the client ---------------------------------------------------------------------------------
     @property
@@ -76,7 +80,8 @@ class RayBackend(Backend):
 
     # -- the interface ------------------------------------------------------------------------------
     def submit(self, spec: JobSpec) -> Handle:
-        handle = self.plan(spec)
+        handle = self._planned.pop(spec.run_id, None) or self.plan(spec)
+        self._planned.pop(spec.run_id, None)
         client = self.client()
         cap = self.capacity()
         cmd = launcher.remote_command(spec.kind, spec.run_dir, spec.gpus, self.section.python)
@@ -95,6 +100,9 @@ class RayBackend(Backend):
                 metadata={"zimage_run": spec.run_id, "user": spec.user or "?"},
                 **resources,
             )
+        except BackendError as exc:  # no answer in time: it may still go through, so never submit it again;
+            # the run is watched under this id (remote.py: lost if Ray never knows it and no worker starts)
+            log.warning("run %s: %s; watching job %s", spec.run_id, exc, handle.job_id)
         except Exception as exc:
             self._forget_client()
             raise BackendError(
@@ -106,7 +114,9 @@ class RayBackend(Backend):
         """The handle a submission of `spec` will have (Ray takes our submission id), before it is made."""
         address = self.address
         job_id = f"zimage-{spec.run_id}-{int(time.time() * 1000)}"
-        return Handle("ray", job_id, log=f"ray job logs {job_id} --address {address}", address=address)
+        handle = Handle("ray", job_id, log=f"ray job logs {job_id} --address {address}", address=address)
+        self._planned[spec.run_id] = handle  # submit() uses this very id
+        return handle
 
     def poll(self, handle: Handle) -> Poll:
         try:
