@@ -239,3 +239,16 @@ def test_queue_add_backend_from_the_command_line(zhome, tmp_path):
     assert "launcher: local (ok: this host" in shown.splitlines()[0]
     row = next(ln.split() for ln in shown.splitlines() if run_id in ln)
     assert row[:2] == ["1", run_id] and row[6] == "slurm"  # POS RUN KIND USER STATE PRIORITY ON
+
+
+def test_a_launcher_whose_extra_is_missing_keeps_its_jobs_queued_saying_why(zhome, monkeypatch):
+    from zimage.jobs import backends
+
+    monkeypatch.setitem(backends._EXTRAS, "slurm", "submitit_not_installed_here")
+    run_id = enqueue(zhome, "train", {"output_name": "x"}, user="ann")  # follows the home's launcher
+    zhome.settings_path.write_text('launcher = "slurm"\n')
+    sched = ensure_scheduler(zhome, **FAST)
+    assert sched.ready.wait(15)
+    why = wait_for(lambda: status(zhome, run_id).get("waiting"), 30, "the reason")
+    assert why.startswith("cannot start: backend: the slurm launcher needs the [slurm] extra: pip install")
+    assert status(zhome, run_id)["state"] == "queued"

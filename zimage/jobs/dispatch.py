@@ -142,8 +142,8 @@ class _LocalPool:
 class _RemotePool:
     """A cluster backend's slots (its capacity), less what the studio's active jobs there cost."""
 
-    def __init__(self, name: str, backend, active: list[dict]):
-        self.name, self.backend, self.error = name, backend, _backoff_error(name)
+    def __init__(self, name: str, backend, active: list[dict], error: str | None = None):
+        self.name, self.backend, self.error = name, backend, error or _backoff_error(name)
         self.cap = None
         if self.error is None:
             try:
@@ -205,10 +205,8 @@ def _pool(settings: Settings, name: str, slots: SlotConfig, active: list[dict]):
         return _LocalPool(slots, active)
     try:
         backend = get_backend(settings, name, slots)
-    except BackendError as exc:
-        pool = _RemotePool.__new__(_RemotePool)
-        pool.name, pool.backend, pool.error, pool.cap, pool.jobs, pool.used = name, None, str(exc), None, 0, 0
-        return pool
+    except BackendError as exc:  # not installed, or settings it cannot use: its jobs wait, saying why
+        return _RemotePool(name, None, active, error=str(exc))
     return _RemotePool(name, backend, active)
 
 
