@@ -26,13 +26,13 @@ def test_the_typed_name_survives_a_reload(zhome, tmp_path):
             box.fill("cookie-carol")
             box.press("Enter")
             page.wait_for_function(
-                "() => document.cookie.includes('zimage_user=cookie-carol')", timeout=30_000
+                "() => document.cookie.includes('zimage_user=cookie-carol')", timeout=90_000
             )  # the browser holds it
             assert "cookie-carol" not in page.url
             page.reload(wait_until="domcontentloaded")
             page.get_by_label(LABEL).wait_for(timeout=60_000)
             page.wait_for_function(
-                "() => [...document.querySelectorAll('input')].some(i => i.value === 'cookie-carol')", timeout=30_000
+                "() => [...document.querySelectorAll('input')].some(i => i.value === 'cookie-carol')", timeout=90_000
             )
             assert page.get_by_label(LABEL).input_value() == "cookie-carol"
             assert "cookie-carol" not in page.url
