@@ -84,3 +84,15 @@ def streamlit_server(home: Path, log_path: Path, timeout: float = 90.0):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def settle(page, timeout: float = 20.0) -> None:
+    """Wait until the app's rerun is over: no status widget ("Running...") and no stale elements left."""
+    page.wait_for_timeout(500)  # Streamlit shows its status widget only after a short delay
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = page.locator("[data-testid='stStatusWidget']").count() or page.locator("[data-stale='true']").count()
+        if not busy:
+            return
+        page.wait_for_timeout(200)
+    raise AssertionError(f"the app kept running for more than {timeout} s")

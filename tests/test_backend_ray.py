@@ -25,7 +25,7 @@ from test_jobs_scheduler import status, wait_for  # the scheduler tests' helpers
 from train_support import fast_config
 
 pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray-and-browsers")]  # see pyproject
 
 from zimage.jobs import control, enqueue, ensure_scheduler  # noqa: E402
 from zimage.jobs.backends import health  # noqa: E402

@@ -12,17 +12,16 @@ import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
-from browser_support import CHROMIUM_ARGS, chromium_path, streamlit_server
+from browser_support import CHROMIUM_ARGS, chromium_path, settle, streamlit_server
 from support_worker import failed_and_lost_runs
 
 from zimage.runfolder import read_json
 from zimage.views.charts import RUN_COLOURS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-and-browsers")]  # see pyproject: --dist loadgroup
 playwright_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
 )
@@ -74,18 +73,6 @@ def shot(page, name: str, folders: list[Path], height: int = 1300) -> None:
         page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
-def settle(page, timeout: float = 20.0) -> None:
-    """Wait until the app's rerun is over: no status widget ("Running...") and no stale elements left."""
-    page.wait_for_timeout(500)  # Streamlit shows its status widget only after a short delay
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = page.locator("[data-testid='stStatusWidget']").count() or page.locator("[data-stale='true']").count()
-        if not busy:
-            return
-        page.wait_for_timeout(200)
-    raise AssertionError("the app kept running for more than {timeout} s")
-
-
 def fill_number(page, label: str, value: str, shown: str | None = None) -> None:
     settle(page)
     box = page.get_by_label(label, exact=True)
@@ -130,9 +117,11 @@ def launch(page) -> str:
     try:
         note.wait_for(timeout=30_000)
     except Exception:
-        raise AssertionError(
-            "no 'Queued run' after Launch; the page says:\n" + page.inner_text("body")[-3000:]
-        ) from None
+        name = page.get_by_label("Your name (recorded on the runs you start)").input_value()
+        body = page.inner_text("body")
+        problems = [ln for ln in body.splitlines() if "Not launched" in ln or "type it in the sidebar" in ln]
+        raise AssertionError(f"no 'Queued run' after Launch (name box {name!r}; {problems}); the page says:\n"
+                             + body[-3000:]) from None  # fmt: skip
     return re.search(r"Queued run (\S+):", note.inner_text()).group(1)
 
 
@@ -177,8 +166,12 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
 
         # 2. Train: quick_test on the tiny model, tiny settings, launched twice (the second: rank 4, lr 0.02)
         page.goto(f"{url}/Train")
+        page.get_by_label("Your name (recorded on the runs you start)").wait_for()
+        settle(page)  # as a person does: type once the page is drawn
         page.get_by_label("Your name (recorded on the runs you start)").fill("e2e")
         page.get_by_label("Your name (recorded on the runs you start)").press("Enter")
+        settle(page)
+        assert page.get_by_label("Your name (recorded on the runs you start)").input_value() == "e2e"
         open_group(page, "Training")
         fill_number(page, "Steps", str(STEPS))
         fill_number(page, "Resolution", "256")

@@ -4,9 +4,9 @@ extra-streamlit-components' CookieManager, never a URL parameter) and is back af
 from __future__ import annotations
 
 import pytest
-from browser_support import CHROMIUM_ARGS, chromium_path, streamlit_server
+from browser_support import CHROMIUM_ARGS, chromium_path, settle, streamlit_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-and-browsers")]  # see pyproject: --dist loadgroup
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytest.importorskip("extra_streamlit_components", reason="extra-streamlit-components is not installed")
 if chromium_path() is None:
@@ -23,6 +23,7 @@ def test_the_typed_name_survives_a_reload(zhome, tmp_path):
             page.goto(f"{url}/Train", wait_until="domcontentloaded")
             box = page.get_by_label(LABEL)
             box.wait_for(timeout=60_000)
+            settle(page, timeout=60)  # as a person does: type once the page is drawn
             box.fill("cookie-carol")
             box.press("Enter")
             page.wait_for_function(
