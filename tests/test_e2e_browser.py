@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -109,20 +110,34 @@ def chart_colours(chart, path: Path) -> dict[str, int]:
     return out
 
 
-def launch(page) -> str:
-    """Press Launch and return the queued run's id from the confirmation."""
+CONFIRMATION = re.compile(r"Queued run (\S+): position \d|Run (\S+) has started\.")
+
+
+def launch(page, before: str | None = None) -> str:
+    """Press Launch and return the new run's id from the confirmation.
+
+    The confirmation says "Queued run X: position N" and, once the scheduler has started the run (which can be
+    quicker than the browser looks), "Run X has started."; either one names the run. `before` is the run an
+    earlier launch confirmed: its note may still be on the page until the rerun replaces it.
+    """
     settle(page)
     page.get_by_role("button", name="Launch").click()
-    note = page.get_by_text(re.compile(r"Queued run \S+: position \d")).first
-    try:
-        note.wait_for(timeout=30_000)
-    except Exception:
-        name = page.get_by_label("Your name (recorded on the runs you start)").input_value()
-        body = page.inner_text("body")
-        problems = [ln for ln in body.splitlines() if "Not launched" in ln or "type it in the sidebar" in ln]
-        raise AssertionError(f"no 'Queued run' after Launch (name box {name!r}; {problems}); the page says:\n"
-                             + body[-3000:]) from None  # fmt: skip
-    return re.search(r"Queued run (\S+):", note.inner_text()).group(1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for note in page.get_by_text(CONFIRMATION).all():
+            try:
+                found = CONFIRMATION.search(note.inner_text(timeout=1_000))
+            except Exception:  # the element went away with a rerun
+                continue
+            run_id = found and (found.group(1) or found.group(2))
+            if run_id and run_id != before:
+                return run_id
+        page.wait_for_timeout(250)
+    name = page.get_by_label("Your name (recorded on the runs you start)").input_value()
+    body = page.inner_text("body")
+    problems = [ln for ln in body.splitlines() if "Not launched" in ln or "type it in the sidebar" in ln]
+    raise AssertionError(f"no confirmation of a new run after Launch (name box {name!r}; {problems}); the page says:\n"
+                         + body[-3000:])  # fmt: skip
 
 
 def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
@@ -195,7 +210,7 @@ def test_dataset_train_watch_compare_in_a_browser(home, demo_images, tmp_path):
         fill_number(page, "Rank (dim)", "4")
         open_group(page, "Training")
         fill_number(page, "Learning rate", "0.02", shown="2.00e-2")
-        second = launch(page)
+        second = launch(page, before=first)
         config = read_json(home.runs_dir / second / "config.json")
         assert (config["lora_rank"], config["learning_rate"], config["num_steps"]) == (4, 0.02, LONGER)
         shot(page, "train", shots)
