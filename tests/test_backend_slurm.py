@@ -1,5 +1,7 @@
-"""The slurm launcher through submitit's local executor (the same code path as sbatch, minus sbatch), plus
-the sbatch parameters it would send and the mapping from Slurm's job states to run states.
+"""The slurm launcher through submitit's local executor (the same code path as sbatch, minus sbatch), and
+through submitit's SlurmExecutor against tests/fake_slurm.py (sbatch, srun, sacct, scancel as one-host
+stand-ins: the real sbatch file runs, the scheduler watches it by sacct); plus the sbatch parameters it would
+send and the mapping from Slurm's job states to run states.
 
 The workers are tests/support_worker.py (through its test-local `install`): real detached processes that
 speak the run-folder protocol and run until a stop request reaches them. The scheduler is the real one.
@@ -11,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import fake_slurm
 import psutil
 import pytest
 import support_worker
@@ -34,16 +37,20 @@ LONG = {"steps": 100000, "interval": 0.05}  # runs until it is stopped
 
 @pytest.fixture()
 def cluster(zhome, monkeypatch):
-    """A home whose launcher is slurm on submitit's local executor; returns a function that writes
-    settings.toml (extra lines go under [scheduler] and [slurm]) and starts the scheduler."""
+    """A home whose launcher is slurm on submitit's local executor (or `executor="slurm"`: sbatch, which a
+    test puts on PATH); returns a function that writes settings.toml (extra lines go under [scheduler] and
+    [slurm]) and starts the scheduler."""
+    from zimage.jobs import dispatch
+
     monkeypatch.setenv("ZIMAGE_GPUS", "none")  # the local line: one CPU slot
+    monkeypatch.setattr(dispatch, "_backoffs", {})  # a refusal in an earlier test of this process is not ours
     support_worker.install(monkeypatch)
     started = []
 
-    def _start(launcher="slurm", max_jobs=3, user_limit=0, scheduler="", slurm=""):
+    def _start(launcher="slurm", max_jobs=3, user_limit=0, scheduler="", slurm="", executor="local"):
         zhome.settings_path.write_text(
             f'launcher = "{launcher}"\n[scheduler]\nuser_limit = {user_limit}\n{scheduler}\n'
-            f'[slurm]\nexecutor = "local"\nmax_jobs = {max_jobs}\ngpus_per_node = 0\n{slurm}\n'
+            f'[slurm]\nexecutor = "{executor}"\nmax_jobs = {max_jobs}\ngpus_per_node = 0\n{slurm}\n'
         )
         sched = ensure_scheduler(zhome, **FAST)  # the one a page in the test uses too
         assert sched.ready.wait(15) and sched.scanned.wait(15), sched.status()
@@ -252,3 +259,88 @@ def test_a_launcher_whose_extra_is_missing_keeps_its_jobs_queued_saying_why(zhom
     why = wait_for(lambda: status(zhome, run_id).get("waiting"), 30, "the reason")
     assert why.startswith("cannot start: backend: the slurm launcher needs the [slurm] extra: pip install")
     assert status(zhome, run_id)["state"] == "queued"
+
+
+# The sbatch path (submitit's SlurmExecutor, its real sbatch file) against tests/fake_slurm.py's commands
+
+
+SHORT = {"steps": 3, "interval": 0.05}
+WATCHED = {"steps": 20, "interval": 0.25}  # 5 s: past the scheduler's 3 s round of asking the backend
+
+
+def test_through_sbatch_a_job_runs_to_completed_and_is_watched_by_sacct(zhome, cluster, tmp_path, monkeypatch):
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    cluster(executor="slurm", slurm='partition = "debug"\naccount = "vision"')
+    run_id = enqueue(zhome, support_worker.KIND, WATCHED, name="batch")
+    st = wait_for(lambda: (s := status(zhome, run_id)).get("state") == "completed" and s, 90, "the run completed")
+    ((job_id, job),) = wait_for(lambda: [j for j in fake_slurm.jobs(fake).items() if j[1]["state"] != "RUNNING"],
+                                30, "the allocation to end")  # fmt: skip
+    assert job["state"] == "COMPLETED" and job["name"] == f"zimage-{support_worker.KIND}-{run_id}"
+    assert st["backend"] == "slurm" and st["backend_job_id"] == job_id  # the worker saw SLURM_JOB_ID
+    assert st["backend_log"] == str(zhome.runs_dir / run_id / "slurm" / f"{job_id}_0_log.out")
+    script = Path(job["script"]).read_text()
+    assert "#SBATCH --partition=debug" in script and "#SBATCH --account=vision" in script
+    calls = (fake / "calls.log").read_text().splitlines()
+    assert len([c for c in calls if c.startswith("sbatch ")]) == 1
+    assert f"sacct -o JobID,State,NodeList --parsable2 -j {job_id}" in calls  # how the scheduler watched it
+    assert (
+        st["step"] == 20 and f"submitted to slurm as job {job_id}" in (zhome.runs_dir / run_id / "log.txt").read_text()
+    )
+
+
+def test_a_refused_sbatch_keeps_the_job_queued_with_slurms_words(zhome, cluster, tmp_path, monkeypatch):
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    (fake / "sbatch_refuse").write_text("Batch job submission failed: Invalid account or account/partition")
+    cluster(executor="slurm")
+    run_id = enqueue(zhome, support_worker.KIND, SHORT, name="refused")
+    why = wait_for(lambda: status(zhome, run_id).get("waiting"), 30, "the reason")
+    assert why.startswith("cannot start: slurm: the job was not submitted:") and "Invalid account" in why
+    assert status(zhome, run_id)["state"] == "queued" and not fake_slurm.jobs(fake)
+
+
+def test_an_sbatch_that_answers_late_is_never_sent_twice(zhome, cluster, tmp_path, monkeypatch):
+    from zimage.jobs import dispatch
+    from zimage.jobs.backends import slurm
+
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    (fake / "sbatch_delay").write_text("4")  # a slow slurmctld: past the scheduler's wait of 1 s
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(dispatch, "SUBMIT_BACKOFF_S", 0.5)  # the job is offered again every tick or so
+    cluster(executor="slurm")
+    run_id = enqueue(zhome, support_worker.KIND, SHORT, name="late")
+    why = wait_for(lambda: "not sent again" in (status(zhome, run_id).get("waiting") or "") and
+                   status(zhome, run_id)["waiting"], 30, "the reason")  # fmt: skip
+    assert "no answer within 1 s" in why and status(zhome, run_id)["state"] == "queued"
+    wait_for(lambda: "has not answered yet" in (status(zhome, run_id).get("waiting") or ""), 30,
+             "the job offered again while sbatch still runs")  # fmt: skip
+    st = wait_for(lambda: (s := status(zhome, run_id)).get("state") == "completed" and s, 90, "the run completed")
+    ((job_id, job),) = fake_slurm.jobs(fake).items()  # one job: the late answer was taken, not a second sbatch
+    assert st["backend_job_id"] == job_id
+    assert len([c for c in (fake / "calls.log").read_text().splitlines() if c.startswith("sbatch")]) == 1
+
+
+def test_a_job_slurm_loses_is_lost_and_a_stop_it_ignores_goes_through_scancel(zhome, cluster, tmp_path,
+                                                                                monkeypatch):  # fmt: skip
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    cluster(executor="slurm", scheduler="stop_grace_s = 1\nheartbeat_timeout_s = 600")
+    deaf, dies = (enqueue(zhome, support_worker.KIND, LONG, name=n) for n in ("deaf", "dies"))
+    wait_for(lambda: running(zhome, [deaf, dies]) == [deaf, dies], 90, "both runs running")
+    jobs = {j["name"].removeprefix(f"zimage-{support_worker.KIND}-"): (i, j) for i, j in fake_slurm.jobs(fake).items()}
+
+    pid = worker_pid(zhome, deaf)
+    os.kill(pid, signal.SIGSTOP)  # it cannot read control.json any more
+    try:
+        control(zhome, deaf, "stop")
+        st = wait_for(lambda: (s := status(zhome, deaf)).get("state") == "stopped" and s, 30, "the run stopped")
+        assert "after a stop request" in st["error"]
+        job_id = jobs[deaf][0]
+        assert f"scancel {job_id}" in (fake / "calls.log").read_text()
+        assert fake_slurm.jobs(fake)[job_id]["state"] == "CANCELLED"
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    job_id, job = jobs[dies]
+    os.killpg(job["pid"], signal.SIGKILL)  # the node goes: the allocation and the worker in it
+    st = wait_for(lambda: (s := status(zhome, dies)).get("state") == "lost" and s, 30, "the run lost")
+    assert f"the slurm job {job_id} ended (Slurm: NODE_FAIL) without the worker writing a final state" in st["error"]

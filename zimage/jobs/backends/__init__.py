@@ -126,26 +126,42 @@ class Backend:
         raise NotImplementedError
 
 
+class Call:
+    """`fn(*args, **kwargs)` running in a daemon thread from the moment it is made; `wait(limit)` for its
+    answer. A call that outlives its wait keeps running: its owner may keep the Call and ask again later
+    (a slow sbatch that may still submit the job, so it must never be sent twice)."""
+
+    def __init__(self, what: str, fn, *args, **kwargs):
+        self.what, self.started = what, time.time()
+        self._box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                self._box["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the caller
+                self._box["error"] = exc
+
+        self._thread = threading.Thread(target=call, name=f"zimage-{what.split(':')[0]}", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, limit: float):
+        """The call's value, or its own exception; BackendError naming `what` when it runs past `limit` s."""
+        self._thread.join(limit)
+        if self._thread.is_alive():
+            raise BackendError(f"{self.what}: no answer within {limit:g} s")
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box.get("value")
+
+
 def bounded(what: str, limit: float, fn, *args, **kwargs):
     """`fn(*args, **kwargs)` in a daemon thread, waited for at most `limit` s: a cluster that does not answer
     (a black-holed address, a hung slurmctld) costs the scheduler's tick that long, never the tick itself.
     Raises BackendError naming `what` on a timeout; the call's own exception otherwise."""
-    box: dict[str, Any] = {}
-
-    def call() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=call, name=f"zimage-{what.split(':')[0]}", daemon=True)
-    thread.start()
-    thread.join(limit)
-    if thread.is_alive():
-        raise BackendError(f"{what}: no answer within {limit:g} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return Call(what, fn, *args, **kwargs).wait(limit)
 
 
 def check_backend(name: Any, field_name: str = "backend") -> str:

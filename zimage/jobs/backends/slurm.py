@@ -14,15 +14,19 @@ trying the backend, and for the tests.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from zimage.jobs import launcher
-from zimage.jobs.backends import Backend, BackendError, Capacity, Handle, Health, JobSpec, Poll, bounded
+from zimage.jobs.backends import Backend, BackendError, Call, Capacity, Handle, Health, JobSpec, Poll, bounded
 from zimage.settings import Settings, SlurmSettings
+
+log = logging.getLogger("zimage.jobs")
 
 # sacct's job states (and the local executor's) -> the interface's; anything else is "unknown"
 RUNNING = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "COMPLETING",
@@ -91,6 +95,7 @@ def job_command(settings: Settings, spec: JobSpec, python: str | None) -> list[s
 
 
 _JOBS: dict[str, object] = {}
+_SUBMITTING: dict[str, Call] = {}  # run id -> an sbatch the scheduler stopped waiting for (it may yet submit)
 SBATCH_TIMEOUT_S = 60.0  # the most sbatch or sacct may take before the scheduler moves on
 
 
@@ -98,6 +103,7 @@ SBATCH_TIMEOUT_S = 60.0  # the most sbatch or sacct may take before the schedule
 def _forget_jobs() -> None:
     """Drop the job objects before the interpreter tears down (their __del__ then meets a half-gone module)."""
     _JOBS.clear()
+    _SUBMITTING.clear()
 
 
 class SlurmBackend(Backend):
@@ -121,23 +127,46 @@ class SlurmBackend(Backend):
     def submit(self, spec: JobSpec) -> Handle:
         from submitit.helpers import CommandFunction
 
-        folder = spec.run_dir / "slurm"
-        executor = self._executor(folder)
-        if self.section.executor == "local":
-            executor.update_parameters(timeout_min=self.section.time_limit_min, tasks_per_node=1,
-                                       gpus_per_node=spec.gpus if self.section.gpus_per_node else 0)  # fmt: skip
-        else:
-            executor.update_parameters(**sbatch_parameters(self.section, spec))
-        command = CommandFunction(job_command(self.settings, spec, self.section.python), verbose=False)
-        try:
-            job = bounded("slurm: sbatch", SBATCH_TIMEOUT_S, executor.submit, command)
-        except BackendError:
-            raise
-        except Exception as exc:  # sbatch refused it (partition, account, limits), or could not run
-            raise BackendError(f"slurm: the job was not submitted: {' '.join(str(exc).split())[:400]}") from None
+        job = self._earlier_sbatch(spec.run_id)
+        if job is None:
+            folder = spec.run_dir / "slurm"
+            executor = self._executor(folder)
+            if self.section.executor == "local":
+                executor.update_parameters(timeout_min=self.section.time_limit_min, tasks_per_node=1,
+                                           gpus_per_node=spec.gpus if self.section.gpus_per_node else 0)  # fmt: skip
+            else:
+                executor.update_parameters(**sbatch_parameters(self.section, spec))
+            command = CommandFunction(job_command(self.settings, spec, self.section.python), verbose=False)
+            call = Call("slurm: sbatch", executor.submit, command)
+            try:
+                job = call.wait(SBATCH_TIMEOUT_S)
+            except BackendError as exc:  # sbatch may still submit it: kept, and asked again before any resend
+                _SUBMITTING[spec.run_id] = call
+                raise BackendError(f"{exc}; the job may still be submitted, so it is not sent again before "
+                                   "sbatch answers") from None  # fmt: skip
+            except Exception as exc:  # sbatch refused it (partition, account, limits), or could not run
+                raise BackendError(f"slurm: the job was not submitted: {_short(exc)}") from None
         self._jobs[str(job.job_id)] = job
         where = "submitit local executor" if self.section.executor == "local" else "slurm"
         return Handle("slurm", str(job.job_id), log=str(job.paths.stdout), address=where)
+
+    def _earlier_sbatch(self, run_id: str):
+        """The job an earlier sbatch of this run submitted after the scheduler stopped waiting for it; None
+        when there was none or it failed (submit anew); BackendError while it still has not answered."""
+        earlier = _SUBMITTING.get(run_id)
+        if earlier is None:
+            return None
+        if not earlier.done():
+            raise BackendError(f"slurm: the sbatch sent {time.time() - earlier.started:.0f} s ago has not "
+                               "answered yet; the job is not sent again before it does")  # fmt: skip
+        del _SUBMITTING[run_id]
+        try:
+            job = earlier.wait(0)
+        except Exception as exc:
+            log.warning("run %s: the late sbatch failed (%s); submitting again", run_id, _short(exc))
+            return None
+        log.info("run %s: the late sbatch answered: job %s", run_id, job.job_id)
+        return job
 
     def _job(self, handle: Handle):
         job = self._jobs.get(handle.job_id)
@@ -155,7 +184,7 @@ class SlurmBackend(Backend):
         try:
             poll = slurm_state(bounded("slurm: sacct", SBATCH_TIMEOUT_S, getattr, job, "state"))
         except Exception as exc:  # sacct could not be asked
-            return Poll("unknown", f"Slurm: {' '.join(str(exc).split())[:300]}")
+            return Poll("unknown", f"Slurm: {_short(exc, 300)}")
         if poll.state in ("finished", "failed"):
             self._jobs.pop(handle.job_id, None)  # ended: nothing more to ask it
         return poll
@@ -197,3 +226,7 @@ class SlurmBackend(Backend):
 def handle_folder(handle: Handle) -> Path:
     """submitit's folder of a job from its log path (RUN/slurm/<id>_0_log.out)."""
     return Path(handle.log).parent if handle.log else Path(".")
+
+
+def _short(exc: BaseException, limit: int = 400) -> str:
+    return " ".join(str(exc).split())[:limit]
