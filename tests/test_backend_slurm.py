@@ -344,3 +344,42 @@ def test_a_job_slurm_loses_is_lost_and_a_stop_it_ignores_goes_through_scancel(zh
     os.killpg(job["pid"], signal.SIGKILL)  # the node goes: the allocation and the worker in it
     st = wait_for(lambda: (s := status(zhome, dies)).get("state") == "lost" and s, 30, "the run lost")
     assert f"the slurm job {job_id} ended (Slurm: NODE_FAIL) without the worker writing a final state" in st["error"]
+
+
+def test_a_late_sbatch_for_a_run_cancelled_meanwhile_has_its_job_cancelled(zhome, cluster, tmp_path, monkeypatch):
+    from zimage.jobs import cancel, dispatch
+    from zimage.jobs.backends import slurm
+
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    (fake / "sbatch_delay").write_text("3")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(dispatch, "SUBMIT_BACKOFF_S", 60.0)  # not offered again: the run is cancelled first
+    cluster(executor="slurm")
+    run_id = enqueue(zhome, support_worker.KIND, LONG, name="changed-mind")
+    wait_for(lambda: "not sent again" in (status(zhome, run_id).get("waiting") or ""), 30, "the sbatch past its wait")
+    cancel(zhome, run_id)  # the person takes the job out of the line while sbatch still works
+    ((job_id, _),) = wait_for(lambda: [j for j in fake_slurm.jobs(fake).items() if j[1]["state"] == "CANCELLED"], 30,
+                              "the late job cancelled")  # fmt: skip
+    assert f"scancel {job_id}" in (fake / "calls.log").read_text()
+    wait_for(lambda: "a late submission's job was cancelled" in (zhome.runs_dir / run_id / "log.txt").read_text(),
+             10, "the run's log to say so")  # fmt: skip
+    st = status(zhome, run_id)
+    assert st["state"] == "stopped" and st.get("cancelled") is True and not st.get("backend_job_id")
+
+
+def test_a_late_sbatch_whose_worker_starts_before_any_resend_is_watched_not_cancelled(zhome, cluster, tmp_path,
+                                                                                       monkeypatch):  # fmt: skip
+    from zimage.jobs import dispatch
+    from zimage.jobs.backends import slurm
+
+    fake = fake_slurm.install(tmp_path, monkeypatch)
+    (fake / "sbatch_delay").write_text("2")
+    monkeypatch.setattr(slurm, "SBATCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(dispatch, "SUBMIT_BACKOFF_S", 600.0)  # never offered again: the late job's worker wins
+    cluster(executor="slurm")
+    run_id = enqueue(zhome, support_worker.KIND, WATCHED, name="won")
+    wait_for(lambda: "not sent again" in (status(zhome, run_id).get("waiting") or ""), 30, "the sbatch past its wait")
+    st = wait_for(lambda: (s := status(zhome, run_id)).get("state") == "completed" and s, 90, "the run completed")
+    ((job_id, job),) = fake_slurm.jobs(fake).items()
+    assert st["backend"] == "slurm" and st["backend_job_id"] == job_id  # the worker named its job
+    assert job["state"] != "CANCELLED" and "scancel" not in (fake / "calls.log").read_text()

@@ -256,3 +256,20 @@ def test_malformed_control_values_never_fail_a_running_job(tmp_path):
     assert len(ignored) == 6, ignored  # one per bad request or damaged file, not one per poll
     assert any("request 1: at must be a number, got 'noon'" in ln for ln in ignored)
     assert any("control.json: not valid JSON" in ln for ln in ignored)
+
+
+def test_a_worker_never_revives_a_run_cancelled_before_it_started(tmp_path):
+    # A cluster job a late submission made after the person took the run out of the line: the worker
+    # leaves the run as the person left it.
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.update_status(state="stopped", cancelled=True, ended=123.0)
+    before = run.read_status()
+    ran = []
+    assert run_job(run.path, "demo", lambda job: ran.append(1)) == 0
+    assert not ran and run.read_status() == before
+    assert "cancelled before this worker started" in run.log_path.read_text()
+
+    run.update_status(state="queued", cancelled=False)  # requeued: a worker runs it again
+    assert run_job(run.path, "demo", lambda job: ran.append(1)) == 0
+    assert ran == [1] and run.read_status()["state"] == "completed"

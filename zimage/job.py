@@ -288,6 +288,8 @@ def run_job(
     run); the others run with an in-memory Job. `describe_error(exc)` may give a better failure message.
     """
     job = Job(run_dir if writer else None, echo=echo if writer else None, kind=kind, total_steps=total_steps)
+    if job.run is not None and _cancelled_before_start(job.run):
+        return 0
     with _graceful_signals(job):
         try:
             job.start()
@@ -298,6 +300,16 @@ def run_job(
         finally:
             job._run_at_end()
     return code
+
+
+def _cancelled_before_start(run) -> bool:
+    """A worker never revives a run taken out of the line (a cluster job that a late submission made after
+    the person cancelled it): it says so in log.txt and leaves status.json as it is."""
+    status = run.read_status() or {}
+    if status.get("state") == "stopped" and status.get("cancelled"):
+        run.log("worker: the run was cancelled before this worker started; not starting it")
+        return True
+    return False
 
 
 @contextmanager

@@ -339,12 +339,13 @@ class RunFolder:
 
 def _backend_identity() -> dict:
     """The cluster job a worker runs in, where a cluster launcher started it (ZIMAGE_BACKEND_LOG is set):
-    Ray's submission id (ZIMAGE_BACKEND_JOB_ID), Slurm's SLURM_JOB_ID or submitit's local job id, and the
-    backend's log of that job (`%j` is the job id)."""
+    the backend (ZIMAGE_BACKEND), Ray's submission id (ZIMAGE_BACKEND_JOB_ID), Slurm's SLURM_JOB_ID or
+    submitit's local job id, and the backend's log of that job (`%j` is the job id)."""
     log = os.environ.get("ZIMAGE_BACKEND_LOG")
     if log is None:
         return {}
     env = os.environ
     job_id = env.get("ZIMAGE_BACKEND_JOB_ID") or env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID")
     fields = {"backend_log": log.replace("%j", job_id) if job_id else log} if log else {}
-    return {**fields, **({"backend_job_id": job_id} if job_id else {})}
+    backend = {"backend": env["ZIMAGE_BACKEND"]} if env.get("ZIMAGE_BACKEND") else {}
+    return {**backend, **fields, **({"backend_job_id": job_id} if job_id else {})}

@@ -21,7 +21,7 @@ import logging
 import time
 
 from zimage.errors import UserError
-from zimage.jobs.backends import BackendError, Handle, Poll, get_backend, is_remote
+from zimage.jobs.backends import BackendError, Handle, Poll, cancel_late, get_backend, is_remote
 from zimage.records import Damaged
 from zimage.registry.ingest import Ingester
 from zimage.run_records import read_launch
@@ -71,6 +71,9 @@ def reconcile(settings: Settings, ingester: Ingester) -> None:
             _check(settings, ingester, run_id, limits, now)
         except Exception:  # one run's trouble must not keep the others from being checked
             log.exception("run %s: could not ask its backend; will retry", run_id)
+    for run_id in cancel_late(lambda rid: RunFolder(settings.runs_dir / rid).read_status().get("state")):
+        RunFolder(settings.runs_dir / run_id).log("scheduler: a late submission's job was cancelled: the run no "
+                                                  "longer waits for it")  # fmt: skip
 
 
 def _check(settings: Settings, ingester: Ingester, run_id: str, limits: SchedulerSettings, now: float) -> None:

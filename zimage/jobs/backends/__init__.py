@@ -21,14 +21,18 @@ control.json on the shared filesystem whatever runs the worker.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zimage.errors import UserError
 from zimage.settings import Settings
+
+log = logging.getLogger("zimage.jobs")
 
 BACKENDS = ("local", "ray", "slurm")
 _EXTRAS = {"ray": "ray", "slurm": "submitit"}  # backend -> the module its extra installs
@@ -155,6 +159,52 @@ class Call:
         if "error" in self._box:
             raise self._box["error"]
         return self._box.get("value")
+
+
+_LATE: dict[str, tuple[Call, Callable[[Any], None]]] = {}  # run id -> (a submission not waited for, its undo)
+
+
+def keep_late(run_id: str, call: Call, cancel: Callable[[Any], None]) -> None:
+    """Keep a submission the scheduler stopped waiting for (it may still submit the job): the run's next
+    submit takes its answer instead of sending the job again; `cancel(answer)` ends that job if the run
+    no longer waits for it (cancelled or deleted meanwhile)."""
+    _LATE[run_id] = (call, cancel)
+
+
+def late(run_id: str) -> Call | None:
+    """The run's kept submission; it stays kept until it has answered (then it is handed over once)."""
+    kept = _LATE.get(run_id)
+    if kept is not None and kept[0].done():
+        del _LATE[run_id]
+    return kept[0] if kept else None
+
+
+def cancel_late(state_of: Callable[[str], str | None]) -> list[str]:
+    """End the jobs that late submissions made for runs that no longer wait for them (`state_of(run_id)`
+    is neither queued, when the run's next submit takes the job, nor active, when that job's worker already
+    runs it and status.json names the job); those run ids."""
+    from zimage.runfolder import ACTIVE_STATES
+
+    ended = []
+    for run_id, (call, cancel) in list(_LATE.items()):
+        if not call.done():
+            continue
+        state = state_of(run_id)
+        if state == "queued":
+            continue
+        del _LATE[run_id]
+        if state in ACTIVE_STATES:
+            continue
+        try:
+            answer = call.wait(0)
+        except Exception:  # it failed after all: nothing was submitted
+            continue
+        try:
+            cancel(answer)
+            ended.append(run_id)
+        except Exception:
+            log.exception("run %s: could not cancel the job a late submission made", run_id)
+    return ended
 
 
 def bounded(what: str, limit: float, fn, *args, **kwargs):

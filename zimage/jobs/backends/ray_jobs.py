@@ -88,7 +88,7 @@ class RayBackend(Backend):
         resources = {"entrypoint_num_gpus": spec.gpus} if cap.unit == "GPU" else {
             "entrypoint_num_cpus": self.section.cpus_per_job}  # fmt: skip
         env = {"ZIMAGE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
-               "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
+               "ZIMAGE_BACKEND": "ray", "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
         try:
             bounded(
                 f"ray: submitting to {handle.address}",

@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from zimage.jobs import launcher
+from zimage.jobs import backends, launcher
 from zimage.jobs.backends import Backend, BackendError, Call, Capacity, Handle, Health, JobSpec, Poll, bounded
 from zimage.settings import Settings, SlurmSettings
 
@@ -90,12 +90,11 @@ def job_command(settings: Settings, spec: JobSpec, python: str | None) -> list[s
     worker = launcher.remote_command(spec.kind, spec.run_dir, spec.gpus, python)
     log = spec.run_dir / "log.txt"
     env = [f"ZIMAGE_HOME={settings.home}", "PYTHONUNBUFFERED=1", "CUDA_DEVICE_ORDER=PCI_BUS_ID",
-           f"ZIMAGE_BACKEND_LOG={spec.run_dir / 'slurm' / '%j_0_log.out'}"]  # fmt: skip
+           "ZIMAGE_BACKEND=slurm", f"ZIMAGE_BACKEND_LOG={spec.run_dir / 'slurm' / '%j_0_log.out'}"]  # fmt: skip
     return ["sh", "-c", 'log=$1; shift; exec "$@" >>"$log" 2>&1', "zimage-worker", str(log), "env", *env, *worker]
 
 
 _JOBS: dict[str, object] = {}
-_SUBMITTING: dict[str, Call] = {}  # run id -> an sbatch the scheduler stopped waiting for (it may yet submit)
 SBATCH_TIMEOUT_S = 60.0  # the most sbatch or sacct may take before the scheduler moves on
 
 
@@ -103,7 +102,7 @@ SBATCH_TIMEOUT_S = 60.0  # the most sbatch or sacct may take before the schedule
 def _forget_jobs() -> None:
     """Drop the job objects before the interpreter tears down (their __del__ then meets a half-gone module)."""
     _JOBS.clear()
-    _SUBMITTING.clear()
+    backends._LATE.clear()
 
 
 class SlurmBackend(Backend):
@@ -141,7 +140,7 @@ class SlurmBackend(Backend):
             try:
                 job = call.wait(SBATCH_TIMEOUT_S)
             except BackendError as exc:  # sbatch may still submit it: kept, and asked again before any resend
-                _SUBMITTING[spec.run_id] = call
+                backends.keep_late(spec.run_id, call, self._cancel_late)
                 raise BackendError(f"{exc}; the job may still be submitted, so it is not sent again before "
                                    "sbatch answers") from None  # fmt: skip
             except Exception as exc:  # sbatch refused it (partition, account, limits), or could not run
@@ -153,13 +152,12 @@ class SlurmBackend(Backend):
     def _earlier_sbatch(self, run_id: str):
         """The job an earlier sbatch of this run submitted after the scheduler stopped waiting for it; None
         when there was none or it failed (submit anew); BackendError while it still has not answered."""
-        earlier = _SUBMITTING.get(run_id)
+        earlier = backends.late(run_id)
         if earlier is None:
             return None
         if not earlier.done():
             raise BackendError(f"slurm: the sbatch sent {time.time() - earlier.started:.0f} s ago has not "
                                "answered yet; the job is not sent again before it does")  # fmt: skip
-        del _SUBMITTING[run_id]
         try:
             job = earlier.wait(0)
         except Exception as exc:
@@ -167,6 +165,11 @@ class SlurmBackend(Backend):
             return None
         log.info("run %s: the late sbatch answered: job %s", run_id, job.job_id)
         return job
+
+    def _cancel_late(self, job) -> None:
+        log.warning("slurm job %s: a late sbatch answer for a run that no longer waits for it; cancelling",
+                    job.job_id)  # fmt: skip
+        self.cancel(Handle("slurm", str(job.job_id), log=str(job.paths.stdout)))
 
     def _job(self, handle: Handle):
         job = self._jobs.get(handle.job_id)
