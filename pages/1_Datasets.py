@@ -5,11 +5,12 @@ from streamlit_image_select import image_select
 
 from zimage.data import caption_undo, manage, report, stats, thumbnails, uploads
 from zimage.data.folders import DATASET_TYPES, DatasetInfo
+from zimage.data.ownership import dataset_owner
 from zimage.errors import UserError
 from zimage.settings import get_settings
 from zimage.views import datasets as dv
 from zimage.views import keep_user_name, shown_errors
-from zimage.views.auth import page_actor
+from zimage.views.auth import control_state, page_actor
 
 st.set_page_config(page_title="Datasets", page_icon="🗂️", layout="wide")
 keep_user_name(st.session_state)
@@ -67,6 +68,12 @@ if problem := folder.problem():  # a damaged dataset.json: say which field, touc
     st.error(f"{problem}. Fix or replace {folder.info_path}; the other datasets work as usual.")
     st.stop()
 info = folder.read_info()
+# Who may change this dataset (its owner or an admin; the library refuses the rest all the same)
+owner = dataset_owner(folder)
+(may_edit, why_edit), (may_add, why_add), (may_delete, why_delete) = (
+    control_state(actor, verb, owner, f"dataset {name}") for verb in ("edit", "upload", "delete"))  # fmt: skip
+if not may_edit:
+    st.caption(f"Changes are off: {why_edit}")
 t_images, t_upload, t_bulk, t_stats, t_check, t_settings = st.tabs(
     ["Images & captions", "Upload", "Bulk edit", "Statistics", "Check", "Settings"]
 )
@@ -92,13 +99,12 @@ with t_images:
         left.image(str(thumbnails.thumbnail(folder, item.image, 512) or thumbnails.placeholder()))
         version = item.caption_path.stat().st_mtime_ns if item.caption_path.exists() else 0  # fresh after edits
         text = right.text_area("Caption", item.caption or "", height=150, key=f"caption_{name}_{pick}_{version}")
-        if right.button("Save caption", key="caption_save"):
+        if right.button("Save caption", key="caption_save", disabled=not may_edit, help=why_edit):
             manage.write_caption(folder, pick, text, actor=actor)
             right.success(f"Saved the caption of {pick}.")
         # The confirmation is per image, so it never carries over to the image shown after a delete.
-        if right.checkbox("Yes, delete this image", key=f"delete_one_confirm_{pick}") and right.button(
-            "Delete image", key="delete_one"
-        ):
+        if right.checkbox("Yes, delete this image", key=f"delete_one_confirm_{pick}", disabled=not may_delete,
+                          help=why_delete) and right.button("Delete image", key="delete_one"):  # fmt: skip
             manage.delete_images(folder, [pick], actor=actor)
             ss.pop("image_pick", None)
             st.rerun()
@@ -115,7 +121,7 @@ with t_upload:
         "Files", type=list(uploads.UPLOAD_TYPES), key=f"uploader_{ss.get('upload_round', 0)}",
         accept_multiple_files=True if kind.startswith("Images") else "directory",
     )  # fmt: skip
-    if st.button("Add to dataset", key="upload_add", disabled=not files):
+    if st.button("Add to dataset", key="upload_add", disabled=not (files and may_add), help=why_add):
         result = uploads.add_files(folder, [(f.name, f.getvalue()) for f in files], actor=actor)
         ss["upload_result"] = (name, result.summary(), result.rows())
         ss["upload_round"] = ss.get("upload_round", 0) + 1  # a fresh uploader: the same files are not added twice
@@ -141,12 +147,14 @@ with t_bulk:
     edit = dict(prefix=prefix, suffix=suffix, find=find, replace=replace, include_uncaptioned=uncaptioned)
     preview_box = st.container()  # the preview sits above the buttons but is drawn after them (fresh after Apply)
     b1, b2 = st.columns(2)
-    if b1.button("Apply", key="bulk_apply", type="primary", disabled=not (prefix.strip() or suffix.strip() or find)):
+    wanted = prefix.strip() or suffix.strip() or find
+    if b1.button("Apply", key="bulk_apply", type="primary", disabled=not (wanted and may_edit), help=why_edit):
         with shown_errors(st.error):
             changes = manage.bulk_edit_captions(folder, **edit, actor=actor)
             st.success(f"{len(changes)} caption(s) changed. Undo puts them back.")
     undo = caption_undo.last_bulk_edit(folder)
-    if undo and b2.button(f"Undo the last bulk edit ({undo.count} captions)", key="bulk_undo"):
+    if undo and b2.button(f"Undo the last bulk edit ({undo.count} captions)", key="bulk_undo", disabled=not may_edit,
+                          help=why_edit):  # fmt: skip
         with shown_errors(st.error):
             done = caption_undo.undo_last_bulk_edit(folder, actor=actor)
             kept = f"; kept {len(done.kept)} edited since: {', '.join(done.kept[:5])}" if done.kept else ""
@@ -164,7 +172,10 @@ with t_bulk:
                              key="bulk_preview_rows")  # fmt: skip
     doomed = st.multiselect("Delete images", [i.image.name for i in folder.items()], key="delete_many")
     confirmed = doomed and st.checkbox(
-        f"Yes, delete {len(doomed)} image(s) and their captions", key="delete_many_confirm"
+        f"Yes, delete {len(doomed)} image(s) and their captions",
+        key="delete_many_confirm",
+        disabled=not may_delete,
+        help=why_delete,
     )
     if confirmed and st.button("Delete selected images", key="delete_many_go"):
         ss["deleted_many"] = (name, f"Deleted {len(manage.delete_images(folder, doomed, actor=actor))} image(s).")
@@ -205,7 +216,7 @@ with t_check:
 
 with t_settings, st.form("settings_form"):
     changed = settings_fields(f"set_{name}", info)
-    if st.form_submit_button("Save settings", key="settings_save"):
+    if st.form_submit_button("Save settings", key="settings_save", disabled=not may_edit, help=why_edit):
         try:
             manage.update_dataset(settings, name, actor=actor, **changed)
             st.success("Saved.")
@@ -213,7 +224,7 @@ with t_settings, st.form("settings_form"):
             st.error(str(exc))
 with t_settings:
     confirm = st.text_input(f"Type {name} to delete this dataset and all its images", key="delete_ds_confirm")
-    if st.button("Delete dataset", key="delete_ds", disabled=confirm != name):
+    if st.button("Delete dataset", key="delete_ds", disabled=confirm != name or not may_delete, help=why_delete):
         manage.delete_dataset(settings, name, actor=actor)
         ss.pop("dataset", None)
         st.rerun()

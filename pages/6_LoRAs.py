@@ -8,7 +8,7 @@ from zimage.settings import get_settings
 from zimage.users import current_user
 from zimage.views import keep_user_name, shown_errors
 from zimage.views import loras as lv
-from zimage.views.auth import page_actor
+from zimage.views.auth import control_state, page_actor
 from zimage.views.runs import file_reader
 
 st.set_page_config(page_title="LoRAs", page_icon="🧩", layout="wide")
@@ -29,6 +29,10 @@ def user() -> str | None:
 
 def details(item) -> None:
     """One item: fields, last samples, download, and what can be done with it."""
+    what = f"{'LoRA' if item.kind == 'lora' else 'fine-tune'} {item.name}"
+    (may_push, why_push), (may_delete, why_delete) = (
+        control_state(actor, v, item.owner, what) for v in ("upload", "delete")
+    )
     st.dataframe(lv.detail_rows(item), hide_index=True, key="loras_detail")
     tiles = lv.sample_tiles(settings, item)
     if tiles:
@@ -59,7 +63,7 @@ def details(item) -> None:
         with st.expander("Push to the Hugging Face Hub"), st.form("loras_push_form"):
             repo = st.text_input("Repository (user/name)", key="loras_push_repo")
             private = st.checkbox("Private", value=True, key="loras_push_private")
-            if st.form_submit_button("Push", key="loras_push_go"):
+            if st.form_submit_button("Push", key="loras_push_go", disabled=not may_push, help=why_push):
                 with shown_errors(st.error):
                     from zimage.loras.hub import push_lora
 
@@ -80,7 +84,7 @@ def details(item) -> None:
         if n.button("Cancel", key="loras_delete_no"):
             ss.pop("loras_confirm", None)
             st.rerun()
-    elif st.button("Delete…", key="loras_delete"):
+    elif st.button("Delete…", key="loras_delete", disabled=not may_delete, help=why_delete):
         ss["loras_confirm"] = item.name
         st.rerun()
 

@@ -1,4 +1,4 @@
-"""AppTest of the sign-in and of ownership on the Runs page in password and oidc mode: a member cannot
+"""AppTest of the sign-in and of ownership on the Runs, Datasets and LoRAs pages in password and oidc mode: a member cannot
 stop another member's run (the control is off in the page and the library refuses), the owner and an
 admin can, every attempt lands in events.jsonl and on the run's timeline, a viewer sees no enabled control."""
 
@@ -158,3 +158,41 @@ def test_admins_see_every_action_on_home_members_do_not(team):
     member.session_state["auth_session"] = login(team, "alice", "alice-password").to_dict()
     member.run()
     assert not member.exception and not [d for d in member.dataframe if "who" in d.value.columns]
+
+
+def signed_in(page_file: str, settings, who: str, **query) -> AppTest:
+    at = AppTest.from_file(str(ROOT / page_file), default_timeout=120)
+    at.query_params.update(query)
+    at.session_state["auth_session"] = login(settings, who, f"{who}-password").to_dict()
+    return at.run()
+
+
+def test_datasets_and_loras_pages_grey_what_only_the_owner_or_an_admin_may_do(team):
+    from test_loras_library import trained_lora
+    from test_uploads import png_bytes
+
+    from zimage.data import manage
+    from zimage.data.uploads import add_files
+
+    alice = Actor("alice", "member", "ui")
+    folder = manage.create_dataset(team, "cats", actor=alice, trigger_word="ohwx")
+    add_files(folder, [("a.png", png_bytes())], actor=alice)
+    keys = ("caption_save", "upload_add", "bulk_apply", "settings_save", "delete_ds")
+    for who, may in (("bob", False), ("alice", True), ("boss", True)):
+        at = signed_in("pages/1_Datasets.py", team, who, dataset="cats")
+        assert not at.exception, at.exception
+        buttons = {b.key: b for b in at.button if b.key in keys}
+        assert set(buttons) == set(keys) and buttons["caption_save"].disabled is not may, who
+        off = any("Changes are off: dataset cats is owned by alice" in c.value for c in at.caption)
+        assert off is not may, who
+        if not may:  # every change is off, each with the reason as its tooltip
+            assert all(b.disabled and "owned by alice" in (b.help or "") for b in buttons.values())
+
+    trained_lora(team, name="alices", user="alice")
+    for who, may in (("bob", False), ("alice", True), ("boss", True)):
+        at = signed_in("pages/6_LoRAs.py", team, who, lora="alices")
+        assert not at.exception, at.exception
+        delete = at.button(key="loras_delete")
+        assert delete.disabled is not may, who
+        if not may:
+            assert "LoRA alices is owned by alice" in delete.help
