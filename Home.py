@@ -58,7 +58,11 @@ def live() -> None:
         if waiting.empty:
             st.caption("Nothing queued or running.")
         else:
-            st.dataframe(home.queue_rows(waiting, name), hide_index=True, key="home_queue")
+            rows = home.queue_rows(waiting, name)
+            for other in home.other_launchers(rows, name):  # jobs that named another launcher: is it there?
+                ok, text = home.launcher_line(other, backend_health(settings, other, wait=1.0)[1], also=True)
+                (st.caption if ok else st.warning)(text)
+            st.dataframe(rows, hide_index=True, key="home_queue")
             if limit := settings.home_settings().scheduler.user_limit:  # the `waiting` column names it too
                 st.caption(f"At most {limit} active runs per user (settings.toml `[scheduler] user_limit`).")
         for line in damaged_lines(registry.damaged_runs(reg, limit=10)):

@@ -121,6 +121,10 @@ def test_each_backend_has_its_own_line_and_a_full_one_says_why(zhome, cluster):
     assert status(zhome, here)["backend"] == "local" and status(zhome, there)["backend"] == "slurm"
     wait_for(lambda: status(zhome, behind).get("waiting") == "waiting for a free slot in Slurm (1 of 1 jobs)", 10,
              "the slurm line's reason")  # fmt: skip
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()  # both launchers, each with its health
+    captions = [c.value for c in at.caption]
+    assert not at.exception and any(c.startswith("Launcher: **local**") for c in captions)
+    assert "Also in use: **slurm** · submitit's local executor on this host (max 1 jobs)" in captions
 
 
 def test_a_job_that_ends_without_a_final_state_is_lost_within_30_s(zhome, cluster):

@@ -88,11 +88,19 @@ def _where(r, launcher: str) -> str:
     return f"{backend} (job {job})" if job and backend != "local" and r.state != "queued" else backend
 
 
-def launcher_line(name: str, health) -> tuple[bool, str]:
-    """(ok, text) for the launcher line above the queue: the backend and its health, with the error."""
+def launcher_line(name: str, health, also: bool = False) -> tuple[bool, str]:
+    """(ok, text) for a launcher line above the queue: the backend and its health, with the error. `also`:
+    another launcher than the home's, which some job in the queue names."""
+    label = "Also in use" if also else "Launcher"
     if health.ok:
-        return True, f"Launcher: **{name}** · {health.summary}"
-    return False, f"Launcher **{name}** cannot be used now: {health.summary}. Queued jobs for it wait."
+        return True, f"{label}: **{name}** · {health.summary}"
+    return False, f"{label} **{name}** cannot be used now: {health.summary}. Queued jobs for it wait."
+
+
+def other_launchers(rows: list[dict], launcher: str) -> list[str]:
+    """The cluster launchers other than the home's that the queue's jobs run on or wait for (queue_rows)."""
+    names = {str(r["on"]).split(" ", 1)[0] for r in rows}
+    return sorted(n for n in names if n not in ("local", launcher))
 
 
 def active_progress(df: pd.DataFrame) -> list[tuple[str, float, str]]:
