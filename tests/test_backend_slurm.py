@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import fake_slurm
@@ -72,6 +73,22 @@ def running(settings, ids):
 
 def worker_pid(settings, run_id):
     return wait_for(lambda: status(settings, run_id).get("pid"), 30, f"{run_id}'s worker PID")
+
+
+@contextmanager
+def stopped_while_deaf(settings, run_id):
+    """Freeze the run's worker (SIGSTOP: it cannot read control.json any more), ask it to stop, and wait
+    until the scheduler has ended the run `stopped` through the backend; the worker is killed after."""
+    pid = worker_pid(settings, run_id)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        control(settings, run_id, "stop")
+        st = wait_for(lambda: (s := status(settings, run_id)).get("state") == "stopped" and s, 30, "the run stopped")
+        assert "after a stop request" in st["error"]
+        yield st
+    finally:
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_user_limit_over_slurm_slots_two_of_three_start_the_third_says_why(zhome, cluster, capsys):
@@ -160,16 +177,8 @@ def test_a_stop_the_worker_does_not_answer_is_cancelled_through_the_backend(zhom
     cluster(scheduler="stop_grace_s = 1\nheartbeat_timeout_s = 600")
     run_id = enqueue(zhome, support_worker.KIND, LONG, name="deaf")
     wait_for(lambda: status(zhome, run_id).get("state") == "running", 60, "the run running")
-    pid = worker_pid(zhome, run_id)
-    os.kill(pid, signal.SIGSTOP)  # it cannot read control.json any more
-    try:
-        control(zhome, run_id, "stop")
-        st = wait_for(lambda: (s := status(zhome, run_id)).get("state") == "stopped" and s, 30, "the run stopped")
-        assert "after a stop request" in st["error"]
+    with stopped_while_deaf(zhome, run_id):
         assert "did not stop within 1 s; cancelling the slurm job" in (zhome.runs_dir / run_id / "log.txt").read_text()
-    finally:
-        if psutil.pid_exists(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_sbatch_file_for_a_two_gpu_training_job(tmp_path, zhome):
@@ -331,18 +340,10 @@ def test_a_job_slurm_loses_is_lost_and_a_stop_it_ignores_goes_through_scancel(zh
     wait_for(lambda: running(zhome, [deaf, dies]) == [deaf, dies], 90, "both runs running")
     jobs = {j["name"].removeprefix(f"zimage-{support_worker.KIND}-"): (i, j) for i, j in fake_slurm.jobs(fake).items()}
 
-    pid = worker_pid(zhome, deaf)
-    os.kill(pid, signal.SIGSTOP)  # it cannot read control.json any more
-    try:
-        control(zhome, deaf, "stop")
-        st = wait_for(lambda: (s := status(zhome, deaf)).get("state") == "stopped" and s, 30, "the run stopped")
-        assert "after a stop request" in st["error"]
+    with stopped_while_deaf(zhome, deaf):
         job_id = jobs[deaf][0]
         assert f"scancel {job_id}" in (fake / "calls.log").read_text()
         assert fake_slurm.jobs(fake)[job_id]["state"] == "CANCELLED"
-    finally:
-        if psutil.pid_exists(pid):
-            os.kill(pid, signal.SIGKILL)
 
     job_id, job = jobs[dies]
     os.killpg(job["pid"], signal.SIGKILL)  # the node goes: the allocation and the worker in it
