@@ -48,11 +48,26 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out for port 0 (Ray's "random" ports and free_ports come from it)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_range(size: int = 40) -> tuple[int, int]:
-    """A run of `size` ports that are free now, for Ray's worker processes (a random start: two test processes
-    starting heads at once do not pick the same run)."""
-    first = random.randrange(41000, 59000, size)
-    for base in [*range(first, 60000, size), *range(41000, first, size)]:
+    """A run of `size` ports that are free now, for Ray's worker processes. It lies outside the kernel's
+    ephemeral range, so no port Ray or free_ports takes later (port 0) can land in it, and starts at a
+    random place, so two test processes starting heads at once do not pick the same run."""
+    low, high = ephemeral_ports()
+    span = (10000, low) if low - 10000 >= 20 * size else (high + 1, 65536)
+    bases = range(span[0], span[1] - size, size)
+    if not bases:
+        raise RuntimeError(f"no room outside the ephemeral ports {low}-{high} for Ray's workers")
+    first = random.randrange(len(bases))
+    for base in [*bases[first:], *bases[:first]]:
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:

@@ -35,7 +35,12 @@ NAME_COOKIE = "zimage_user"  # mode none: the name a person gave, kept by their 
 
 def remember_name(st, days: int = 365) -> None:
     """Mode none: bring back the name this browser gave before (a cookie, read through st.context.cookies)
-    and store a newly typed one with extra-streamlit-components' CookieManager. Runs before the name box."""
+    and store a newly typed one with extra-streamlit-components' CookieManager. Runs before the name box.
+
+    The cookie is written by a component in the browser, which may load only after the page has run
+    again (the manager's own cookie read asks for a rerun; a busy server makes the frame slow). So the
+    setter is drawn on every run until the browser answers that it has set the cookie: a frame dropped
+    before it loaded would never set it."""
     from urllib.parse import unquote
 
     ss = st.session_state
@@ -46,18 +51,28 @@ def remember_name(st, days: int = 365) -> None:
         except Exception:  # a cookie that is not a name (edited by hand): ignore it
             pass
     typed = ss.get("user_name")
-    if not typed or typed == (unquote(saved) if saved else None) or ss.get("_name_cookie_sent") == typed:
+    if not typed or typed == (unquote(saved) if saved else None) or ss.get("_name_cookie_set") == typed:
         return
     try:
         import extra_streamlit_components as stx
     except ImportError:  # optional: without it the name lasts for the browser session
         return
     import datetime as dt
+    import hashlib
 
-    expires = dt.datetime.now() + dt.timedelta(days=days)
+    pending = ss.get("_name_cookie_pending")
+    if not pending or pending[0] != typed:  # one expiry per name: the setter's arguments stay the same
+        expires = (dt.datetime.now() + dt.timedelta(days=days)).isoformat()
+        pending = ss["_name_cookie_pending"] = (typed, expires)
+    options = {"path": "/", "expires": pending[1], "sameSite": "strict"}
+    key = "zimage_cookie_set_" + hashlib.sha1(typed.encode()).hexdigest()[:12]  # a fresh frame per name
     with st.sidebar:  # not in the main area: an element there would shift the page's tabs and expanders
-        stx.CookieManager(key="zimage_cookies").set(NAME_COOKIE, typed, key="zimage_cookie_set", expires_at=expires)
-    ss["_name_cookie_sent"] = typed
+        manager = stx.CookieManager(key="zimage_cookies")
+        done = manager.cookie_manager(method="set", cookie=NAME_COOKIE, value=typed, options=options, key=key,
+                                      default=False)  # fmt: skip
+    if done:  # the browser has written it
+        ss["_name_cookie_set"] = typed
+        ss.pop("_name_cookie_pending", None)
 
 
 def _signed_in(st, actor: Actor, on_logout) -> Actor:
