@@ -23,6 +23,9 @@ def register(sub) -> None:
     a.add_argument("--preset", help="training preset to start from (train only)")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one training field (repeatable)")  # fmt: skip
+    a.add_argument("--dry-run", action="store_true",
+                   help="check the config and print what would be sent to the launcher (the sbatch file, the Ray "
+                        "job, the command); queue nothing")  # fmt: skip
     a.set_defaults(handler=run_add)
     for action, text in (("up", "move a queued job one place up"), ("down", "move a queued job one place down"),
                          ("cancel", "take a queued job out of the queue")):  # fmt: skip
@@ -59,6 +62,8 @@ def run_add(args) -> int:
 
     settings = get_settings().ensure()
     config = _load_config(args, settings)
+    if args.dry_run:
+        return _dry_run(args, settings)
     from zimage.auth import cli_actor
 
     actor = cli_actor(settings)
@@ -68,6 +73,29 @@ def run_add(args) -> int:
     where = f"position {line.index(run_id) + 1}" if run_id in line else "already started"
     print(f"queued {run_id} ({where})")
     print(f"run folder: {settings.runs_dir / run_id}")
+    return 0
+
+
+def _dry_run(args, settings) -> int:
+    """What `queue add` would hand the launcher for this job, with RUN_ID for the id it gets when queued."""
+    from zimage.jobs import os_user
+    from zimage.jobs.backends import JobSpec, check_backend, get_backend
+    from zimage.jobs.dispatch import refusal
+    from zimage.jobs.queue import KINDS, JobError
+
+    if args.kind not in KINDS:
+        raise JobError(f"--kind: {args.kind!r} is not a job kind; allowed: {', '.join(KINDS)}")
+    if args.gpus < 1:
+        raise JobError(f"--gpus: {args.gpus!r} must be a whole number of at least 1")
+    name = check_backend(args.backend, "--backend") if args.backend else settings.home_settings().launcher
+    spec = JobSpec("RUN_ID", settings.runs_dir / "RUN_ID", args.kind, gpus=args.gpus, user=os_user())
+    text = get_backend(settings, name).preview(spec)
+    print(f"dry run: the config is valid; nothing was queued (RUN_ID stands for the run's id). Launcher: {name}")
+    print(text)
+    why = refusal(settings, name, args.gpus)
+    if why is not None:
+        print(f"error: queued, it would fail at its turn: {why}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -210,6 +210,14 @@ def _pool(settings: Settings, name: str, slots: SlotConfig, active: list[dict]):
     return _RemotePool(name, backend, active)
 
 
+def refusal(settings: Settings, name: str, need: int) -> str | None:
+    """Why a job needing `need` GPUs on backend `name` would fail as soon as its turn came (more GPUs than one
+    node or this host has), else None; None too while the backend cannot be asked (it would wait, not fail)."""
+    from zimage.jobs.slots import slot_config
+
+    return _pool(settings, name, slot_config(home=settings.home_settings().scheduler), []).refuse(need)
+
+
 def _lines(settings: Settings, queued: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
     """The queued jobs split into one line per backend (each in start order)."""
     lines: dict[str, list[tuple[str, dict]]] = {}

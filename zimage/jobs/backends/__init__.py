@@ -8,6 +8,8 @@ what the scheduler releases, on a shared filesystem (ZIMAGE_HOME is the same pat
     backend.cancel(handle)             end the job through the backend (after a stop the worker ignored)
     backend.capacity() -> Capacity     the slots it offers (local GPU ids, Ray's GPUs, Slurm's max_jobs)
     backend.health() -> Health         reachable or not, with the error; for Home and `zimage queue`
+    backend.preview(spec) -> str       what submit(spec) would send, as text; sends and writes nothing
+                                       (`zimage queue add --dry-run`)
 
 - `local` (local.py): a detached process on this host (zimage.jobs.launcher), the default;
 - `ray` (ray_jobs.py): Ray Jobs through `JobSubmissionClient` (the `[ray]` extra);
@@ -127,6 +129,9 @@ class Backend:
         raise NotImplementedError
 
     def health(self) -> Health:  # pragma: no cover
+        raise NotImplementedError
+
+    def preview(self, spec: JobSpec) -> str:  # pragma: no cover
         raise NotImplementedError
 
 

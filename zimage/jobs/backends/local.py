@@ -6,6 +6,7 @@ Its slots are this host's GPU ids (zimage.jobs.slots); its jobs are watched by P
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 
@@ -47,3 +48,12 @@ class LocalBackend(Backend):
 
     def health(self) -> Health:
         return Health(True, f"this host ({socket.gethostname()}): {self.slots.describe()}")
+
+    def preview(self, spec: JobSpec) -> str:
+        ranks = spec.gpus if spec.kind == "train" and spec.gpus > 1 else 1
+        return "\n".join([
+            f"local: a detached process on this host ({socket.gethostname()}), on GPUs the scheduler assigns "
+            f"({self.slots.describe()})",
+            f"  command: {shlex.join(launcher.worker_command(spec.kind, spec.run_dir, ranks))}",
+            f"  output: appended to {spec.run_dir / 'log.txt'}",
+        ])  # fmt: skip

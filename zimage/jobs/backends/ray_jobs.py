@@ -83,23 +83,9 @@ class RayBackend(Backend):
         handle = self._planned.pop(spec.run_id, None) or self.plan(spec)
         self._planned.pop(spec.run_id, None)
         client = self.client()
-        cap = self.capacity()
-        cmd = launcher.remote_command(spec.kind, spec.run_dir, spec.gpus, self.section.python)
-        resources = {"entrypoint_num_gpus": spec.gpus} if cap.unit == "GPU" else {
-            "entrypoint_num_cpus": self.section.cpus_per_job}  # fmt: skip
-        env = {"ZIMAGE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
-               "ZIMAGE_BACKEND": "ray", "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
+        request = self.request(spec, handle, self.capacity().unit == "GPU")
         try:
-            bounded(
-                f"ray: submitting to {handle.address}",
-                TIMEOUT_S,
-                client.submit_job,
-                entrypoint=f"{shlex.join(cmd)} >>{shlex.quote(str(spec.run_dir / 'log.txt'))} 2>&1",  # as local runs
-                submission_id=handle.job_id,
-                runtime_env={"env_vars": env},
-                metadata={"zimage_run": spec.run_id, "user": spec.user or "?"},
-                **resources,
-            )
+            bounded(f"ray: submitting to {handle.address}", TIMEOUT_S, client.submit_job, **request)
         except BackendError as exc:  # no answer in time: it may still go through, so never submit it again;
             # the run is watched under this id (remote.py: lost if Ray never knows it and no worker starts)
             log.warning("run %s: %s; watching job %s", spec.run_id, exc, handle.job_id)
@@ -109,6 +95,40 @@ class RayBackend(Backend):
                 f"ray: the cluster at {handle.address} refused job {handle.job_id}: {_short(exc)}"
             ) from None
         return handle
+
+    def request(self, spec: JobSpec, handle: Handle, gpus: bool) -> dict:
+        """The keyword arguments of `submit_job` for `spec` (`gpus`: the cluster has GPUs to ask for)."""
+        cmd = launcher.remote_command(spec.kind, spec.run_dir, spec.gpus, self.section.python)
+        resources = {"entrypoint_num_gpus": spec.gpus} if gpus else {"entrypoint_num_cpus": self.section.cpus_per_job}
+        env = {"ZIMAGE_HOME": str(self.settings.home), "PYTHONUNBUFFERED": "1",
+               "ZIMAGE_BACKEND": "ray", "ZIMAGE_BACKEND_JOB_ID": handle.job_id, "ZIMAGE_BACKEND_LOG": handle.log or ""}  # fmt: skip
+        return {
+            "entrypoint": f"{shlex.join(cmd)} >>{shlex.quote(str(spec.run_dir / 'log.txt'))} 2>&1",  # as local runs
+            "submission_id": handle.job_id,
+            "runtime_env": {"env_vars": env},
+            "metadata": {"zimage_run": spec.run_id, "user": spec.user or "?"},
+            **resources,
+        }
+
+    def preview(self, spec: JobSpec) -> str:
+        address = self.address
+        handle = Handle("ray", f"zimage-{spec.run_id}-MS", log=f"ray job logs zimage-{spec.run_id}-MS --address {address}",
+                        address=address)  # fmt: skip
+        try:
+            gpus, note = self.capacity().unit == "GPU", ""
+        except BackendError as exc:  # say what it would be on a GPU cluster, and why it could not be told
+            gpus, note = True, f" ({exc}; on a cluster without GPUs: entrypoint_num_cpus={self.section.cpus_per_job:g})"
+        request = self.request(spec, handle, gpus)
+        resources = ", ".join(f"{k}={v:g}" for k, v in request.items() if k.startswith("entrypoint_num_"))
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in request["runtime_env"]["env_vars"].items())
+        return "\n".join([
+            f"ray: a Ray Job at {address} (MS: the submission's time in ms)",
+            f"  submission id: {request['submission_id']}",
+            f"  entrypoint: {request['entrypoint']}",
+            f"  resources: {resources}{note}",
+            f"  runtime env: {env}",
+            f"  metadata: {request['metadata']}",
+        ])  # fmt: skip
 
     def plan(self, spec: JobSpec) -> Handle:
         """The handle a submission of `spec` will have (Ray takes our submission id), before it is made."""

@@ -205,6 +205,23 @@ class SlurmBackend(Backend):
     def capacity(self) -> Capacity:
         return Capacity(self.section.max_jobs, "job", self.section.gpus_per_node or None, "in Slurm")
 
+    def preview(self, spec: JobSpec) -> str:
+        folder = spec.run_dir / "slurm"
+        command = shlex.join(job_command(self.settings, spec, self.section.python))
+        if self.section.executor == "local":
+            gpus = spec.gpus if self.section.gpus_per_node else 0
+            return "\n".join([
+                f"slurm: submitit's local executor on this host (no sbatch), its files in {folder}",
+                f"  parameters: timeout_min={self.section.time_limit_min} tasks_per_node=1 gpus_per_node={gpus}",
+                f"  the job runs: {command}",
+            ])  # fmt: skip
+        script = sbatch_script(self.section, spec, folder, self.section.python)
+        return "\n".join([
+            f"slurm: sbatch, with submitit's files in {folder}; the sbatch file:", "",
+            script.rstrip(), "",
+            f"the task runs (pickled as submitit's CommandFunction): {command}",
+        ])  # fmt: skip
+
     def health(self) -> Health:
         if self.section.executor == "local":
             return Health(True, f"submitit's local executor on this host (max {self.section.max_jobs} jobs)")
